@@ -1,0 +1,132 @@
+"""The site's privacy ledger: every DP-SGD step it has released, persisted across rounds and restarts.
+
+One JSON file per site, keyed by federation run id. ε spent is always recomputed from the full history
+of (σ, q, steps) entries, so the figure a hospital states covers the whole run, not the last round.
+The file is rewritten atomically after every round; a site restarted mid-run reads it back and
+continues from the same ε.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..configio import atomic_write_text
+from ..errors import ConfigError
+from .accounting import Entry, epsilon_for
+
+FORMAT_VERSION = 1
+
+
+def _compact(history: Sequence[Entry]) -> list[Entry]:
+    """Merge consecutive entries with the same σ and q (the accountant's own compaction)."""
+    out: list[Entry] = []
+    for sigma, q, steps in history:
+        if steps <= 0:
+            continue
+        if out and out[-1][0] == sigma and out[-1][1] == q:
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((float(sigma), float(q), int(steps)))
+    return out
+
+
+class PrivacyLedger:
+    """Persistent (σ, q, steps) history of one site for one federation run, with its ε at a fixed δ."""
+
+    def __init__(self, path: str | os.PathLike, run_id: str, *, delta: float, accountant: str = "prv",
+                 target_epsilon: float = math.inf, site: str = "") -> None:
+        self.path = Path(path)
+        self.run_id = str(run_id)
+        self._doc = self._read()
+        run = self._doc["runs"].get(self.run_id)
+        if run is None:
+            run = {"site": site, "delta": delta, "accountant": accountant, "target_epsilon": target_epsilon,
+                   "created": _now(), "history": [], "rounds": []}
+            self._doc["runs"][self.run_id] = run
+        else:
+            for key, now in (("delta", delta), ("accountant", accountant)):
+                if run[key] != now:
+                    raise ConfigError(f"the privacy ledger of run '{self.run_id}' was started with {key} = "
+                                      f"{run[key]!r}, site.yaml now says {now!r}",
+                                      f"restore {key} to {run[key]!r} (ε must be stated at one δ for the whole run)",
+                                      where=str(self.path))
+            run["target_epsilon"] = target_epsilon
+        self._run = run
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"format": FORMAT_VERSION, "runs": {}}
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"privacy ledger unreadable ({exc})",
+                              "restore it from backup; never delete it mid-run (it is the record of ε spent)",
+                              where=str(self.path)) from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION or not isinstance(doc.get("runs"), dict):
+            raise ConfigError("not a fedsubtype privacy ledger (format 1)", "point privacy.ledger at another file",
+                              where=str(self.path))
+        return doc
+
+    @property
+    def delta(self) -> float:
+        return float(self._run["delta"])
+
+    @property
+    def accountant(self) -> str:
+        return str(self._run["accountant"])
+
+    @property
+    def target_epsilon(self) -> float:
+        return float(self._run["target_epsilon"])
+
+    @property
+    def history(self) -> list[Entry]:
+        """The composed (σ, q, steps) history of this run."""
+        return [(float(s), float(q), int(t)) for s, q, t in self._run["history"]]
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        """One record per trained round: round, steps, σ, q, ε after it, time."""
+        return list(self._run["rounds"])
+
+    @property
+    def steps(self) -> int:
+        return sum(t for _, _, t in self.history)
+
+    def spent(self) -> float:
+        """ε spent so far in this run at the run's δ."""
+        return epsilon_for(self.history, self.delta, self.accountant)
+
+    def epsilon_if(self, extra: Sequence[Entry]) -> float:
+        """ε this run would have spent after also releasing `extra` steps."""
+        return epsilon_for(_compact(self.history + list(extra)), self.delta, self.accountant)
+
+    def can_afford(self, extra: Sequence[Entry]) -> bool:
+        """Whether `extra` steps keep the run within its budget."""
+        return self.epsilon_if(extra) <= self.target_epsilon
+
+    def record(self, server_round: int, entries: Sequence[Entry]) -> float:
+        """Append the steps one round actually took, write the file atomically, and return ε after it."""
+        entries = _compact(entries)
+        history = _compact(self.history + entries)
+        eps = epsilon_for(history, self.delta, self.accountant)
+        self._run["history"] = [list(e) for e in history]
+        self._run["rounds"].append({"round": int(server_round), "steps": sum(t for _, _, t in entries),
+                                    "entries": [list(e) for e in entries], "epsilon_after": eps, "time": _now()})
+        atomic_write_text(self.path, json.dumps(self._doc, indent=1))
+        return eps
+
+    def epsilon_all_runs(self) -> float:
+        """ε over every run in this file composed together at this run's δ (the site's lifetime figure)."""
+        history = [tuple(e) for run in self._doc["runs"].values() for e in run["history"]]
+        return epsilon_for(_compact(history), self.delta, self.accountant)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
