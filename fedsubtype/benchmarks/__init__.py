@@ -1,0 +1,1 @@
+"""Benchmarks that reproduce published protocols on the phantom or any manifest."""
