@@ -1,0 +1,103 @@
+"""The DP part of a site's lifecycle, called by `fedsubtype.federated.SiteAlgo` (no Flower types).
+
+initialize → :meth:`SitePrivacy.start` plans σ from the site's own budget and the run's planned rounds,
+opens the ledger and says what the plan costs; each train round → :meth:`check` (decline if the round
+would exceed the budget), :meth:`hook` (the Opacus hook for `fit`), :meth:`record` (append the steps to
+the ledger, report ε spent). The coordinator cannot change any of it: privacy keys in a round config are
+ignored (:func:`privacy_overrides` names them so the site can log the attempt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .accounting import PrivacyPlan, make_plan
+from .config import PrivacyConfig
+from .engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed
+from .ledger import PrivacyLedger
+
+LEDGER_FILENAME = "privacy_ledger.json"
+
+_OVERRIDE_WORDS = ("privacy", "epsilon", "delta", "noise", "grad_norm", "grad-norm", "clip", "accountant", "dp_", "dp-")
+
+
+def privacy_overrides(round_config: Mapping[str, Any]) -> list[str]:
+    """Keys in a coordinator's round config that look like privacy settings; the site ignores them.
+
+    Flower's own site-level DP key `clipping_norm` (update clipping for server-side DP) is not a site
+    privacy setting and is not listed.
+    """
+    return sorted(k for k in round_config if k != "clipping_norm"
+                  and any(w in str(k).lower() for w in _OVERRIDE_WORDS))
+
+
+class SitePrivacy:
+    """A site's DP-SGD plan and ledger for one federation run."""
+
+    def __init__(self, plan: PrivacyPlan, ledger: PrivacyLedger, *, run_id: str, seed: int = 0,
+                 grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> None:
+        self.plan, self.ledger, self.run_id, self.seed = plan, ledger, str(run_id), int(seed)
+        self.grad_sample_mode = grad_sample_mode
+
+    @classmethod
+    def start(cls, cfg: PrivacyConfig, *, site: str, n_train: int, batch_size: int, rounds: int,
+              run_id: str, state_dir: str | Path, local_epochs: int = 1, max_steps: int | None = None,
+              seed: int = 0, where: str = "privacy") -> SitePrivacy | None:
+        """Plan and open the ledger before any data is read; None when privacy is disabled.
+
+        `n_train` is the number of training cases (from the manifest), `rounds` × `local_epochs` (or
+        `max_steps` per round) what the run plans. Bad settings raise one-line ConfigErrors.
+        """
+        if not cfg.enabled:
+            return None
+        plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, rounds=rounds, local_epochs=local_epochs,
+                         steps_per_round=max_steps, where=where)
+        path = Path(cfg.ledger) if cfg.ledger is not None else Path(state_dir) / LEDGER_FILENAME
+        ledger = PrivacyLedger(path, run_id, delta=plan.delta, accountant=plan.accountant,
+                               target_epsilon=plan.target_epsilon, site=site)
+        return cls(plan, ledger, run_id=run_id, seed=seed)
+
+    def summary(self) -> str:
+        """What the plan costs and what this run has already spent (ledger)."""
+        line = f"privacy: {self.plan.summary()}; ledger {self.ledger.path}"
+        if self.ledger.steps:
+            line += f" (run {self.run_id}: already spent ε = {self.ledger.spent():.3f} over {self.ledger.steps} steps)"
+        return line
+
+    def round_entries(self) -> list[tuple[float, float, int]]:
+        """What one planned round releases."""
+        return [(self.plan.noise_multiplier, self.plan.sample_rate, self.plan.steps_per_round)]
+
+    def check(self, server_round: int) -> str | None:
+        """None when the round fits in the budget; otherwise the one-line 'budget exhausted' reason."""
+        after = self.ledger.epsilon_if(self.round_entries())
+        if after <= self.plan.target_epsilon:
+            return None
+        return (f"privacy budget exhausted: round {server_round} would raise ε from {self.ledger.spent():.3f} to "
+                f"{after:.3f} > budget {self.plan.target_epsilon:g} (δ = {self.plan.delta:.2g}); the site declines")
+
+    def hook(self, server_round: int) -> OpacusPrivacy:
+        """The Opacus hook for this round's `fit`, capped at the planned steps, with fresh sampling and noise."""
+        seed = derive_seed(self.seed, self.run_id, server_round, self.ledger.steps)
+        return OpacusPrivacy(self.plan, seed=seed, max_steps=self.plan.steps_per_round,
+                             grad_sample_mode=self.grad_sample_mode)
+
+    def record(self, server_round: int, hook: OpacusPrivacy) -> dict[str, float]:
+        """Append the round's steps to the ledger (atomically) and return the metrics sent with the reply."""
+        self.ledger.record(server_round, hook.entries())
+        return self.metrics()
+
+    def metrics(self, *, declined: bool = False) -> dict[str, float]:
+        """Aggregate privacy metrics safe to send: ε spent in this run, budget, δ, steps, declined flag."""
+        spent = self.ledger.spent()
+        return {"dp_enabled": 1, "epsilon_spent": float(spent), "epsilon_budget": float(self.plan.target_epsilon),
+                "dp_delta": float(self.plan.delta), "dp_steps": int(self.ledger.steps),
+                "dp_noise_multiplier": float(self.plan.noise_multiplier),
+                "budget_exhausted": int(declined)}
+
+
+def no_privacy_metrics() -> dict[str, float]:
+    """What a site without DP reports (no ε: a non-DP site gives no formal guarantee)."""
+    return {"dp_enabled": 0, "budget_exhausted": 0}
