@@ -7,7 +7,6 @@ a fractional (probability) mask is tumour where it is >= 0.5.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import re
@@ -84,14 +83,6 @@ def choose_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
     return pick, note
 
 
-def _read_dicom(folder: Path, series_uid: str | None) -> sitk.Image:
-    pick, note = choose_dicom_series(folder, series_uid)
-    (log.warning if "others:" in note else log.info)("%s: reading %s", folder, note)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(pick.files))
-    return reader.Execute()
-
-
 def _dicom_file_series(path: Path) -> str | None:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -105,28 +96,46 @@ def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sit
     When a folder holds several series, `series_uid` picks one; otherwise the series with the
     most slices is taken and the choice is logged (see :func:`choose_dicom_series`).
     """
+    return read_image_noted(path, series_uid=series_uid)[0]
+
+
+def read_image_noted(path: str | os.PathLike, *, series_uid: str | None = None) -> tuple[sitk.Image, str | None]:
+    """:func:`read_image` plus a note saying which DICOM series was read (None for single files)."""
     path = Path(path)
     if path.is_dir():
-        try:
-            return _read_dicom(path, series_uid)
-        except RuntimeError as exc:
-            raise ImageReadError(f"cannot read DICOM series ({_first_line(exc)})",
-                                 "check the slices are complete DICOM files of one series", where=str(path)) from None
+        return _read_dicom_noted(path, series_uid)
     if not path.exists():
         raise ImageReadError("file not found", "check the path (relative paths start at the manifest's folder)", where=str(path))
     suffix = _suffix(path)
+    if suffix == ".dcm":
+        try:
+            uid = series_uid or _dicom_file_series(path)
+        except RuntimeError as exc:
+            raise ImageReadError(f"cannot read DICOM file ({_first_line(exc)})",
+                                 "check the file is a complete DICOM slice", where=str(path)) from None
+        return _read_dicom_noted(path.parent, uid)
+    if suffix not in FILE_SUFFIXES:
+        raise ImageReadError(f"unsupported file type '{suffix or path.name}'",
+                             "use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD or a DICOM series folder", where=str(path))
+    if suffix in (".nii", ".nii.gz"):
+        check_nifti_complete(path)
     try:
-        if suffix == ".dcm":
-            return _read_dicom(path.parent, series_uid or _dicom_file_series(path))
-        if suffix not in FILE_SUFFIXES:
-            raise ImageReadError(f"unsupported file type '{suffix or path.name}'",
-                                 "use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD or a DICOM series folder", where=str(path))
-        if suffix in (".nii", ".nii.gz"):
-            check_nifti_complete(path)
-        return sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path)), None
     except RuntimeError as exc:
         raise ImageReadError(f"cannot read image ({_first_line(exc)})",
                              "the file is truncated or corrupt: re-export or re-download it", where=str(path)) from None
+
+
+def _read_dicom_noted(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
+    pick, note = choose_dicom_series(folder, series_uid)
+    (log.warning if "others:" in note else log.info)("%s: reading %s", folder, note)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(pick.files))
+    try:
+        return reader.Execute(), note
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot read DICOM series {pick.uid} ({_first_line(exc)})",
+                             "check the slices are complete DICOM files of one series", where=str(folder)) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -160,25 +169,42 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     return None
 
 
+def _gunzip_header_and_size(path: Path) -> tuple[bytes, int]:
+    """First 540 decompressed bytes and the total decompressed size; zlib checks each member's CRC and length."""
+    header, total = b"", 0
+    inflater = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            while chunk:
+                out = inflater.decompress(chunk)
+                if len(header) < 540:
+                    header += out[: 540 - len(header)]
+                total += len(out)
+                chunk = b""
+                if inflater.eof:
+                    chunk = inflater.unused_data
+                    if not chunk.strip(b"\0"):
+                        return header, total  # trailing zero padding after the last member is tolerated
+                    inflater = zlib.decompressobj(wbits=31)
+    if not inflater.eof:
+        raise EOFError("compressed data ends before the end-of-stream marker")
+    return header, total
+
+
 def check_nifti_complete(path: Path) -> None:
-    """ITK pads a truncated NIfTI with zeros silently; this checks the file holds every voxel
-    (and, for .nii.gz, that the gzip stream is whole and its CRC right)."""
+    """ITK pads a truncated NIfTI with zeros and ignores gzip CRC errors, silently; this checks the file
+    holds every voxel and, for .nii.gz, that the gzip stream is whole and its CRC right."""
     try:
         if path.name.lower().endswith(".gz"):
-            total = 0
-            with gzip.open(path, "rb") as fh:
-                header = fh.read(540)
-                total = len(header)
-                while chunk := fh.read(1 << 20):
-                    total += len(chunk)
+            header, total = _gunzip_header_and_size(path)
         else:
             with open(path, "rb") as fh:
                 header = fh.read(540)
             total = path.stat().st_size
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    except (EOFError, zlib.error) as exc:
         raise ImageReadError(f"compressed file is truncated or corrupt ({exc})",
                              "re-export or re-download the file", where=str(path)) from None
-    expected = _nifti_expected_bytes(header)
+    expected = _nifti_expected_bytes(header) if len(header) >= 4 else None
     if expected is None:
         raise ImageReadError("not a NIfTI file (bad header)", "check the file type matches its extension", where=str(path))
     if total < expected:
