@@ -161,3 +161,21 @@ def test_strict_stops_on_a_broken_case_and_default_skips_it(phantom_cohort, tmp_
     err = capsys.readouterr().err
     assert "broken" in err and "skipping 1 unusable case" in err
     assert "broken" not in (tmp_path / "lenient" / "splits.csv").read_text()
+
+
+def test_documented_config_lists_every_key_with_its_default() -> None:
+    import dataclasses
+
+    from fedsubtype.configio import to_dict
+    from fedsubtype.train_config import RunConfig, load_run_config
+
+    path = Path(__file__).parents[1] / "configs" / "train_default.yaml"
+    documented = to_dict(load_run_config(path))
+    defaults = to_dict(RunConfig())
+    assert documented.pop("data").pop("manifest") and defaults["data"].pop("manifest") is None
+    documented_data = yaml.safe_load(path.read_text())["data"]
+    assert set(documented_data) == {f.name for f in dataclasses.fields(RunConfig().data)}
+    for section in ("preprocess", "model", "training", "evaluation"):
+        assert set(yaml.safe_load(path.read_text())[section]) == set(defaults[section]), section
+    defaults.pop("data")
+    assert documented == defaults
