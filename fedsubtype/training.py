@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
+    schedule: Literal["cosine", "constant"] = "cosine"
     patience: int | None = 8
     augment: bool = True
     augment_strength: float = 1.0
@@ -236,11 +237,13 @@ def _build_loss(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
     return JointLoss(task_weights=weights, ki67_loss=cfg.ki67_loss, pos_weight=pos_weight)
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the base rate, then cosine decay to 0, evaluated per optimizer step."""
+def _lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine") -> Callable[[int], float]:
+    """Linear warm-up to the base rate, then cosine decay to 0 (or constant), evaluated per optimizer step."""
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -478,7 +481,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
     max_epochs = math.ceil(total_steps / steps_per_epoch) if cfg.max_steps is not None else cfg.epochs
     warmup = int(round(cfg.warmup_fraction * total_steps))
     base_optimizer = getattr(optimizer, "original_optimizer", optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, _lr_lambda(total_steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, _lr_lambda(total_steps, warmup, cfg.schedule))
 
     history: list[dict[str, Any]] = []
     best_row: dict[str, Any] | None = None

@@ -118,6 +118,12 @@ def test_warmup_then_cosine_schedule(data) -> None:
     assert lrs[1] > lrs[2] > lrs[3] and lrs[3] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_constant_schedule_keeps_the_peak_rate(data) -> None:
+    train, _ = data
+    res = fit(_model(), train, None, _cfg(epochs=3, warmup_fraction=0.0, lr=1e-2, schedule="constant"))
+    assert [r["lr"] for r in res.history] == [pytest.approx(1e-2)] * 3
+
+
 def test_early_stopping_restores_best_weights(data) -> None:
     train, val = data
     # a learning rate of ~0 makes validation never improve after the first evaluation
