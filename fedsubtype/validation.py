@@ -135,7 +135,7 @@ class _Checker:
         try:
             image = as_volume(image, role)
         except ImageReadError as exc:
-            self.error(f"{role} {exc.what}", exc.fix or "")
+            self.error(f"{role} {exc.what.removeprefix('image ')}", exc.fix or "")
             return None
         spacing = image.GetSpacing()
         if any(not (MIN_SPACING_MM <= s <= MAX_SPACING_MM) for s in spacing):
