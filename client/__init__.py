@@ -1,0 +1,1 @@
+"""Flower ClientApp of fedsubtype (thin wiring to fedsubtype.federated.SiteAlgo)."""

@@ -1,0 +1,73 @@
+"""Flower ClientApp: Messages in, `fedsubtype.federated.SiteAlgo` calls, Messages out — nothing else.
+
+The site's settings come from the SuperNode's node config (`site-config` = path to site.yaml), never from
+the coordinator. A reply carries the weights, one MetricRecord with exactly the allow-listed aggregate
+keys, and the site's name. A failure is logged in full at the site and reported to the coordinator only
+as its exception type, so no path or case id leaks through an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsubtype.errors import UserError
+from fedsubtype.federated import SiteAlgo
+from fedsubtype.site_config import load_site_config
+
+SITE_CONFIG_KEY = "site-config"
+app = ClientApp()
+_ALGOS: dict[str, SiteAlgo] = {}
+_log = logging.getLogger("fedsubtype.site")
+
+
+def _algo(context: Context) -> SiteAlgo:
+    """The site's SiteAlgo (one per process, initialised on first use)."""
+    path = context.node_config.get(SITE_CONFIG_KEY)
+    if not path:
+        raise UserError("the SuperNode was started without a site config",
+                        f"start it with fedsubtype-client --site site.yaml (node config '{SITE_CONFIG_KEY}')")
+    key = str(Path(str(path)).resolve())
+    if key not in _ALGOS:
+        site = load_site_config(key)
+        _ALGOS[key] = SiteAlgo(site, log=_log.info).initialize()
+    return _ALGOS[key]
+
+
+def _guarded(kind: str, body):
+    """Run a handler body; keep the full error at the site, send only its type to the coordinator."""
+    try:
+        return body()
+    except Exception as exc:  # noqa: BLE001 - everything must be sanitised before it leaves the site
+        _log.exception("site %s failed", kind)
+        raise RuntimeError(f"site {kind} failed ({type(exc).__name__}); details are in the site's log") from None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training round from the global weights."""
+    def body() -> Message:
+        algo = _algo(context)
+        weights = msg.content["arrays"].to_numpy_ndarrays()
+        config = dict(msg.content["config"]) if "config" in msg.content else {}
+        new_weights, _, metrics = algo.train(weights, config)
+        content = RecordDict({"arrays": ArrayRecord(new_weights), "metrics": MetricRecord(metrics),
+                              "site": ConfigRecord({"name": algo.site.name})})
+        return Message(content=content, reply_to=msg)
+    return _guarded("training", body)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global weights on the site's local validation split."""
+    def body() -> Message:
+        algo = _algo(context)
+        weights = msg.content["arrays"].to_numpy_ndarrays()
+        config = dict(msg.content["config"]) if "config" in msg.content else {}
+        _, metrics = algo.evaluate(weights, config)
+        content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": algo.site.name})})
+        return Message(content=content, reply_to=msg)
+    return _guarded("evaluation", body)

@@ -1,0 +1,1 @@
+"""Flower ServerApp of fedsubtype (strategy, per-round artefacts, checkpoints)."""
