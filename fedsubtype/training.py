@@ -192,10 +192,13 @@ class _Augmented(Dataset):
 
 
 def _with_augmentation(data: Dataset, cfg: TrainConfig) -> Dataset:
-    """The training data with seeded MONAI augmentations, unless disabled or already set by the caller."""
-    if not cfg.augment or cfg.augment_strength == 0:
+    """The training data with seeded MONAI augmentations (unless disabled); a transform the caller set is kept, reseeded."""
+    existing = getattr(data, "augment", None)
+    if existing is not None:  # the caller's own transform: reseed it so the run stays reproducible
+        if hasattr(existing, "set_random_state"):
+            existing.set_random_state(seed=cfg.seed)
         return data
-    if getattr(data, "augment", None) is not None:
+    if not cfg.augment or cfg.augment_strength == 0:
         return data
     from .augment import build_augmentation
 

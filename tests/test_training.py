@@ -90,6 +90,13 @@ def test_same_seed_same_numbers_and_different_seed_differs(data) -> None:
     assert _metrics(a) != _metrics(c)
 
 
+def test_worker_processes_are_seeded_too(data) -> None:
+    train, _ = data
+    a = fit(_model(), train, None, _cfg(seed=5, augment=True, num_workers=1, epochs=1))
+    b = fit(_model(), train, None, _cfg(seed=5, augment=True, num_workers=1, epochs=1))
+    assert _metrics(a) == _metrics(b)
+
+
 def test_history_csv_steps_and_samples(tmp_path: Path, data) -> None:
     train, val = data
     res = fit(_model(), train, val, _cfg(epochs=2), out_dir=tmp_path)
