@@ -30,7 +30,10 @@ class PrivacyConfig:
     max_grad_norm:    per-sample gradient clipping bound C.
     accountant:       "prv" (default; numerically tight) or "rdp" (an upper bound, looser by ~10 %).
     noise_multiplier: σ to use as given instead of planning it from target_epsilon.
-    ledger:           JSON file holding the spent-privacy history; None → <cache>/privacy_ledger.json.
+    ledger:           JSON file holding the spent-privacy history; None → <site state folder>/privacy_ledger.json.
+    rounds:           rounds the noise is planned for; None → the number the coordinator announces for the
+                      run (a coordinator announcing fewer than it runs only gets fewer rounds: the ledger
+                      declines every round past the budget).
     """
 
     enabled: bool = False
@@ -40,6 +43,7 @@ class PrivacyConfig:
     accountant: Accountant = "prv"
     noise_multiplier: float | None = None
     ledger: Path | None = None
+    rounds: int | None = None
 
     def validate(self, where: str = "privacy") -> None:
         """One-line ConfigErrors for settings that can never be right (δ vs 1/n is checked later)."""
@@ -58,6 +62,9 @@ class PrivacyConfig:
             raise ConfigError(f"noise_multiplier must be a positive number, got {self.noise_multiplier}",
                               "use e.g. 1.0, or omit it to plan it from target_epsilon",
                               where=f"{where}.noise_multiplier")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"rounds must be at least 1, got {self.rounds}", "use the planned number of rounds, or omit it",
+                              where=f"{where}.rounds")
         if self.enabled and self.target_epsilon is None:
             raise ConfigError("privacy is enabled but no target_epsilon (the site's budget) is set",
                               "add target_epsilon, e.g. 8", where=f"{where}.target_epsilon")

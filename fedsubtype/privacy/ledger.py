@@ -86,6 +86,16 @@ class PrivacyLedger:
         return float(self._run["target_epsilon"])
 
     @property
+    def plan(self) -> dict[str, Any] | None:
+        """The plan this run was started with (kept so a restarted site uses the same σ)."""
+        return self._run.get("plan")
+
+    def save_plan(self, plan: dict[str, Any]) -> None:
+        """Store the run's plan (atomically, with the history)."""
+        self._run["plan"] = dict(plan)
+        atomic_write_text(self.path, json.dumps(self._doc, indent=1))
+
+    @property
     def history(self) -> list[Entry]:
         """The composed (σ, q, steps) history of this run."""
         return [(float(s), float(q), int(t)) for s, q, t in self._run["history"]]

@@ -9,10 +9,12 @@ ignored (:func:`privacy_overrides` names them so the site can log the attempt).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .accounting import PrivacyPlan, make_plan
 from .config import PrivacyConfig
 from .engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed
@@ -33,6 +35,33 @@ def privacy_overrides(round_config: Mapping[str, Any]) -> list[str]:
                   and any(w in str(k).lower() for w in _OVERRIDE_WORDS))
 
 
+class PrivacyBudgetExhausted(UserError):
+    """A round the site declines because it would exceed the site's privacy budget.
+
+    The ClientApp answers the coordinator with `line()` (ε figures only, nothing about cases) and
+    `metrics` (aggregate: ε spent, budget, δ, budget_exhausted = 1).
+    """
+
+    def __init__(self, reason: str, metrics: dict[str, float]) -> None:
+        super().__init__(reason, "the site has spent its privacy budget for this run; it will decline further rounds",
+                         where="privacy")
+        self.metrics = metrics
+
+
+def startup_check(cfg: PrivacyConfig, *, n_train: int, batch_size: int, rounds: int | None = None,
+                  local_epochs: int = 1, where: str = "privacy") -> str:
+    """The site's start-up line about privacy; one-line ConfigErrors for δ ≥ 1/n or a budget too small for a round.
+
+    Needs only the number of training cases (from the manifest), so it runs before any image is read.
+    Without the coordinator's number of rounds it plans for `cfg.rounds` or, failing that, one round.
+    """
+    if not cfg.enabled:
+        return "privacy: DP-SGD disabled (this site gives no formal privacy guarantee)"
+    plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, rounds=rounds or cfg.rounds or 1,
+                     local_epochs=local_epochs, where=where)
+    return f"privacy: {plan.summary()}"
+
+
 class SitePrivacy:
     """A site's DP-SGD plan and ledger for one federation run."""
 
@@ -48,15 +77,26 @@ class SitePrivacy:
         """Plan and open the ledger before any data is read; None when privacy is disabled.
 
         `n_train` is the number of training cases (from the manifest), `rounds` × `local_epochs` (or
-        `max_steps` per round) what the run plans. Bad settings raise one-line ConfigErrors.
+        `max_steps` per round) what the run plans; `cfg.rounds`, when the site set it, wins over `rounds`.
+        The plan is stored in the ledger, so a restarted site keeps the run's σ. Bad settings raise
+        one-line ConfigErrors.
         """
         if not cfg.enabled:
             return None
-        plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, rounds=rounds, local_epochs=local_epochs,
-                         steps_per_round=max_steps, where=where)
+        delta = cfg.resolved_delta(n_train, where)
         path = Path(cfg.ledger) if cfg.ledger is not None else Path(state_dir) / LEDGER_FILENAME
-        ledger = PrivacyLedger(path, run_id, delta=plan.delta, accountant=plan.accountant,
-                               target_epsilon=plan.target_epsilon, site=site)
+        ledger = PrivacyLedger(path, run_id, delta=delta, accountant=cfg.accountant,
+                               target_epsilon=float(cfg.target_epsilon or 0.0), site=site)
+        saved = ledger.plan
+        unchanged = saved is not None and all(saved.get(k) == v for k, v in (
+            ("target_epsilon", cfg.target_epsilon), ("max_grad_norm", cfg.max_grad_norm),
+            ("accountant", cfg.accountant), ("delta", delta)))
+        if unchanged and (cfg.noise_multiplier is None or saved.get("noise_multiplier") == cfg.noise_multiplier):
+            plan = PrivacyPlan(**saved)  # a restarted site keeps the run's σ, q and steps per round
+        else:
+            plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, rounds=cfg.rounds or rounds,
+                             local_epochs=local_epochs, steps_per_round=max_steps, where=where)
+            ledger.save_plan(dataclasses.asdict(plan))
         return cls(plan, ledger, run_id=run_id, seed=seed)
 
     def summary(self) -> str:
@@ -69,6 +109,12 @@ class SitePrivacy:
     def round_entries(self) -> list[tuple[float, float, int]]:
         """What one planned round releases."""
         return [(self.plan.noise_multiplier, self.plan.sample_rate, self.plan.steps_per_round)]
+
+    def require_budget(self, server_round: int) -> None:
+        """Raise :class:`PrivacyBudgetExhausted` when the round would exceed the budget (before any training)."""
+        reason = self.check(server_round)
+        if reason is not None:
+            raise PrivacyBudgetExhausted(reason, self.metrics(declined=True))
 
     def check(self, server_round: int) -> str | None:
         """None when the round fits in the budget; otherwise the one-line 'budget exhausted' reason."""
