@@ -16,6 +16,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -118,7 +119,7 @@ def read_image_noted(path: str | os.PathLike, *, series_uid: str | None = None) 
         raise ImageReadError(f"unsupported file type '{suffix or path.name}'",
                              "use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD or a DICOM series folder", where=str(path))
     if suffix in (".nii", ".nii.gz"):
-        check_nifti_complete(path)
+        check_nifti_file(path)
     try:
         return sitk.ReadImage(str(path)), None
     except RuntimeError as exc:
@@ -149,67 +150,98 @@ def _first_line(exc: BaseException) -> str:
     return text[:240]
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """vox_offset + data size from a NIfTI-1/-2 header, or None when the header is not NIfTI."""
+@dataclass(frozen=True)
+class _NiftiLayout:
+    data_offset: int
+    data_bytes: int
+    float_dtype: np.dtype | None  # set for float32/float64 data, whose NaN/Inf ITK reads as 0
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """Where the voxels are and how many bytes they take, from a NIfTI-1/-2 header (None if not NIfTI)."""
+    if len(header) < 4:
+        return None
     for endian in "<>":
         sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
         if sizeof_hdr == 348 and len(header) >= 112:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
         elif sizeof_hdr == 540 and len(header) >= 176:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             vox_offset = struct.unpack(endian + "q", header[168:176])[0]
         else:
             continue
         ndim = max(0, min(int(dims[0]), 7))
         nvox = int(np.prod([max(1, int(d)) for d in dims[1:1 + ndim]], dtype=np.int64))
-        return vox_offset + nvox * max(1, bitpix // 8)
+        code = _NIFTI_FLOATS.get(int(datatype))
+        return _NiftiLayout(vox_offset, nvox * max(1, bitpix // 8), np.dtype(endian + code) if code else None)
     return None
 
 
-def _gunzip_header_and_size(path: Path) -> tuple[bytes, int]:
-    """First 540 decompressed bytes and the total decompressed size; zlib checks each member's CRC and length."""
-    header, total = b"", 0
-    inflater = zlib.decompressobj(wbits=31)
+def _decompressed_chunks(path: Path) -> Iterator[bytes]:
+    """The file's bytes, gunzipped for .gz; zlib checks every member's CRC and length."""
     with open(path, "rb") as fh:
+        if not path.name.lower().endswith(".gz"):
+            while chunk := fh.read(1 << 20):
+                yield chunk
+            return
+        inflater = zlib.decompressobj(wbits=31)
         while chunk := fh.read(1 << 20):
             while chunk:
-                out = inflater.decompress(chunk)
-                if len(header) < 540:
-                    header += out[: 540 - len(header)]
-                total += len(out)
+                yield inflater.decompress(chunk)
                 chunk = b""
                 if inflater.eof:
                     chunk = inflater.unused_data
                     if not chunk.strip(b"\0"):
-                        return header, total  # trailing zero padding after the last member is tolerated
+                        return  # trailing zero padding after the last member is tolerated
                     inflater = zlib.decompressobj(wbits=31)
-    if not inflater.eof:
-        raise EOFError("compressed data ends before the end-of-stream marker")
-    return header, total
+        if not inflater.eof:
+            raise EOFError("compressed data ends before the end-of-stream marker")
 
 
-def check_nifti_complete(path: Path) -> None:
-    """ITK pads a truncated NIfTI with zeros and ignores gzip CRC errors, silently; this checks the file
-    holds every voxel and, for .nii.gz, that the gzip stream is whole and its CRC right."""
+def check_nifti_file(path: Path) -> None:
+    """What ITK lets through silently: a truncated file (read zero-padded), a bad gzip CRC, NaN/Inf voxels
+    (read as 0). Each is an ImageReadError here, so a case never trains on invented voxels."""
+    head, layout, total, nonfinite, pending = b"", None, 0, 0, b""
     try:
-        if path.name.lower().endswith(".gz"):
-            header, total = _gunzip_header_and_size(path)
-        else:
-            with open(path, "rb") as fh:
-                header = fh.read(540)
-            total = path.stat().st_size
+        for chunk in _decompressed_chunks(path):
+            start = total
+            total += len(chunk)
+            if layout is None:
+                head += chunk[: 540 - len(head)]
+                if len(head) < 540 and total < 540:
+                    continue
+                layout = _nifti_layout(head)
+                if layout is None:
+                    raise ImageReadError("not a NIfTI file (bad header)",
+                                         "check the file type matches its extension", where=str(path))
+            if layout.float_dtype is not None:
+                lo = max(0, layout.data_offset - start)
+                hi = max(lo, min(len(chunk), layout.data_offset + layout.data_bytes - start))
+                data = pending + chunk[lo:hi]
+                usable = len(data) - len(data) % layout.float_dtype.itemsize
+                values = np.frombuffer(data[:usable], dtype=layout.float_dtype)
+                nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                pending = data[usable:]
     except (EOFError, zlib.error) as exc:
         raise ImageReadError(f"compressed file is truncated or corrupt ({exc})",
                              "re-export or re-download the file", where=str(path)) from None
-    expected = _nifti_expected_bytes(header) if len(header) >= 4 else None
-    if expected is None:
-        raise ImageReadError("not a NIfTI file (bad header)", "check the file type matches its extension", where=str(path))
+    if layout is None:
+        layout = _nifti_layout(head)
+        if layout is None:
+            raise ImageReadError("not a NIfTI file (bad header)", "check the file type matches its extension", where=str(path))
+    expected = layout.data_offset + layout.data_bytes
     if total < expected:
         raise ImageReadError(f"file is truncated ({total} of {expected} bytes)",
                              "re-export or re-download the file", where=str(path))
+    if nonfinite:
+        raise ImageReadError(f"has {nonfinite} NaN/Inf voxels", "re-export the image; NaN/Inf cannot be normalised",
+                             where=str(path))
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, *, compression_level: int = -1) -> None:
@@ -354,4 +386,9 @@ def load_case_images(case: Case) -> tuple[sitk.Image, sitk.Image]:
     mask = as_volume(read_image(case.mask, series_uid=case.extra.get("mask_series_uid") or None),
                      f"{case.case_id}: mask {case.mask}")
     mask = mask_on_image_grid(mask, image, f"{case.case_id}: mask {case.mask}")
-    return sitk.Cast(image, sitk.sitkFloat32), mask
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(values).all():
+        raise ImageReadError(f"has {values.size - np.count_nonzero(np.isfinite(values))} NaN/Inf voxels",
+                             "re-export the image; NaN/Inf cannot be normalised", where=f"{case.case_id}: image {case.image}")
+    return image, mask

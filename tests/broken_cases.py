@@ -263,7 +263,9 @@ CORPUS: dict[str, tuple[Callable[[Path, str], tuple[str, str]], str | None, str]
     "vector_image": (_vector_image, "error", "2 components"),
     "tiny_spacing": (_spacing((0.05, 0.05, 0.05)), "error", "spacing"),
     "huge_spacing": (_spacing((0.8, 0.8, 15.0)), "error", "spacing"),
-    # ITK's NIfTI I/O turns NaN into 0, so NaN/Inf cases are NRRD and MHA files
+    # ITK reads NaN/Inf in NIfTI as 0 (fedsubtype scans the file itself); NRRD and MHA keep them
+    "nan_nifti": (_with_image(_nan), "error", "NaN/Inf"),
+    "inf_nifti_uncompressed": (_with_image(_inf, ".nii"), "error", "NaN/Inf"),
     "nan_voxels": (_with_image(_nan, ".nrrd"), "error", "NaN/Inf"),
     "inf_voxels": (_with_image(_inf, ".mha"), "error", "NaN/Inf"),
     "constant": (_with_image(lambda a: np.full_like(a, 7.0)), "error", "constant"),

@@ -107,6 +107,21 @@ def test_read_errors_are_one_line(tmp_path):
         assert "\n" not in line and line.startswith(str(path)) and " — " in line
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_nan_voxels_are_refused(tmp_path, suffix):
+    img = make_image(dtype=np.float64)
+    arr = sitk.GetArrayFromImage(img)
+    arr[2, 3, 4] = np.nan
+    arr[5, 5, 5] = -np.inf
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(img)
+    write_image(bad, tmp_path / f"x{suffix}")
+    write_image(make_mask(img), tmp_path / "m.nii.gz")
+    case = Case("c", tmp_path / f"x{suffix}", tmp_path / "m.nii.gz", "s", dict.fromkeys(("er", "pr", "her2", "ki67")))
+    with pytest.raises(ImageReadError, match="has 2 NaN/Inf voxels"):
+        load_case_images(case)
+
+
 def test_load_case_images_types_and_grid(tmp_path):
     img = make_image(dtype=np.int16)
     image, mask = load_case_images(_case(tmp_path, img, make_mask(img, label=255)))
