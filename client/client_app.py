@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedsubtype.errors import UserError
 from fedsubtype.federated import SiteAlgo
+from fedsubtype.privacy.site import PrivacyBudgetExhausted
 from fedsubtype.site_config import load_site_config
 
 SITE_CONFIG_KEY = "site-config"
@@ -41,6 +42,9 @@ def _guarded(kind: str, body):
     """Run a handler body; keep the full error at the site, send only its type to the coordinator."""
     try:
         return body()
+    except PrivacyBudgetExhausted as exc:  # privacy: a declined round; the reason holds only ε figures
+        _log.warning("site declined %s: %s", kind, exc.line())
+        raise RuntimeError(exc.line()) from None
     except Exception as exc:  # noqa: BLE001 - everything must be sanitised before it leaves the site
         _log.exception("site %s failed", kind)
         raise RuntimeError(f"site {kind} failed ({type(exc).__name__}); details are in the site's log") from None

@@ -87,6 +87,8 @@ class RoundSettings:
     local_norm: bool = False
     model_config: dict[str, Any] | None = None
     preprocess_config: dict[str, Any] | None = None
+    run_id: str = "run"  # privacy: the federation run's id (stable across --resume), keys the site's ledger
+    num_rounds: int | None = None  # privacy: rounds the coordinator plans (the site's DP plan spreads ε over them)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RoundSettings":
@@ -109,6 +111,8 @@ class RoundSettings:
             local_norm=bool(config.get("local-norm", False)),
             model_config=json.loads(config["model-config"]) if config.get("model-config") else None,
             preprocess_config=json.loads(config["preprocess-config"]) if config.get("preprocess-config") else None,
+            run_id=str(config.get("run-id", "run")),
+            num_rounds=int(config["num-rounds"]) if config.get("num-rounds") else None,
         )
 
 
@@ -139,6 +143,7 @@ class SiteAlgo:
         self._datasets: dict[str, Any] = {}
         self._model = None
         self._model_key: str | None = None
+        self._privacy: Any = None  # fedsubtype.privacy.site.SitePrivacy of the current run (DP enabled only)
 
     # ---------------------------------------------------------------- lifecycle
     def initialize(self, preprocess: Any | None = None, *, revalidate: bool = False) -> "SiteAlgo":
@@ -254,17 +259,39 @@ class SiteAlgo:
         torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}, buf)
         atomic_write_bytes(self._local_norm_path(), buf.getvalue())
 
-    # ---------------------------------------------------------------- privacy (filled by the DP module)
+    # ---------------------------------------------------------------- privacy (fedsubtype.privacy.site)
     def _privacy_hook(self, settings: RoundSettings, n_train: int) -> Any | None:
-        """The DP-SGD hook for this round (None when the site's privacy is disabled)."""
+        """The DP-SGD hook for this round (None when the site's privacy is disabled).
+
+        Plans the run once (σ from the site's own budget over the planned rounds; kept in the ledger), then
+        raises PrivacyBudgetExhausted before any training when this round would exceed the budget.
+        """
         if not self.site.privacy.enabled:
             return None
-        raise UserError("privacy is enabled in site.yaml but this build has no DP engine wired into SiteAlgo",
-                        "disable privacy or update fedsubtype", where="site.privacy")
+        from .privacy.site import SitePrivacy
+
+        if self._privacy is None or self._privacy.run_id != settings.run_id:
+            rounds = self.site.privacy.rounds or settings.num_rounds
+            if rounds is None:
+                raise UserError("the coordinator did not announce the number of rounds to plan DP-SGD noise for",
+                                "set privacy.rounds in site.yaml", where="site.privacy.rounds")
+            self._privacy = SitePrivacy.start(
+                self.site.privacy, site=self.site.name, n_train=n_train,
+                batch_size=self.site.batch_size or settings.batch_size, rounds=rounds, run_id=settings.run_id,
+                state_dir=self.site.state_dir(), local_epochs=settings.local_epochs, max_steps=settings.local_steps,
+                seed=settings.seed, where="site.privacy")
+            self.log(self._privacy.summary())
+        self._privacy.require_budget(settings.server_round)
+        return self._privacy.hook(settings.server_round)
 
     def _privacy_metrics(self, hook: Any | None) -> dict[str, float]:
-        """Privacy spent so far at this site (ε, δ); NaN when DP is off."""
-        return {"epsilon": float("nan"), "delta": float("nan")}
+        """Append the round's DP steps to the ledger; ε spent so far in this run and δ (NaN when DP is off)."""
+        if hook is None or self._privacy is None:
+            return {"epsilon": float("nan"), "delta": float("nan")}
+        metrics = self._privacy.record(hook.server_round, hook)
+        self.log(f"privacy: ε spent in run {self._privacy.run_id} = {metrics['epsilon_spent']:.3f} "
+                 f"of {metrics['epsilon_budget']:g} (δ = {metrics['dp_delta']:.2g})")
+        return {"epsilon": metrics["epsilon_spent"], "delta": metrics["dp_delta"]}
 
     # ---------------------------------------------------------------- rounds
     def train(self, weights: Sequence[np.ndarray], round_config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, float]]:

@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     if " " in str(site.source):
         raise UserError("the site file's path contains a space", "move it to a path without spaces", where=where)
 
+    from ..privacy.site import site_startup_line  # privacy: bad settings fail here, before any image is read
+
+    print(site_startup_line(site))
     algo = SiteAlgo(site, log=print, progress=not args.quiet)
     algo.initialize(revalidate=True)
     for problem in algo.problems:

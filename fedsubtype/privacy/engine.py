@@ -88,17 +88,19 @@ class OpacusPrivacy:
     """DP-SGD for one local round, implementing `fedsubtype.training.PrivacyHook` with Opacus.
 
     `max_steps` caps the noisy steps this round may take (the ledger's budget check decides it);
-    `seed` seeds Poisson sampling and noise and must differ per release (see :func:`derive_seed`).
+    `seed` seeds Poisson sampling and noise and must differ per release (see :func:`derive_seed`);
+    `server_round` labels the release in the ledger.
     """
 
     def __init__(self, plan: PrivacyPlan, *, seed: int, max_steps: int | None = None,
-                 grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> None:
+                 grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE, server_round: int = 0) -> None:
         if grad_sample_mode not in SUPPORTED_MODES:
             raise ValueError(f"grad_sample_mode must be one of {SUPPORTED_MODES}")
         self.plan = plan
         self.seed = int(seed)
         self.max_steps = int(max_steps if max_steps is not None else plan.steps_per_round)
         self.grad_sample_mode = grad_sample_mode
+        self.server_round = int(server_round)
         self.steps = 0
         self.optimizer: Any = None
         self._engine: Any = None

@@ -17,7 +17,6 @@ from typing import Any
 from ..errors import UserError
 from .accounting import PrivacyPlan, make_plan
 from .config import PrivacyConfig
-from .engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed
 from .ledger import PrivacyLedger
 
 LEDGER_FILENAME = "privacy_ledger.json"
@@ -66,7 +65,7 @@ class SitePrivacy:
     """A site's DP-SGD plan and ledger for one federation run."""
 
     def __init__(self, plan: PrivacyPlan, ledger: PrivacyLedger, *, run_id: str, seed: int = 0,
-                 grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> None:
+                 grad_sample_mode: str | None = None) -> None:
         self.plan, self.ledger, self.run_id, self.seed = plan, ledger, str(run_id), int(seed)
         self.grad_sample_mode = grad_sample_mode
 
@@ -124,13 +123,16 @@ class SitePrivacy:
         return (f"privacy budget exhausted: round {server_round} would raise ε from {self.ledger.spent():.3f} to "
                 f"{after:.3f} > budget {self.plan.target_epsilon:g} (δ = {self.plan.delta:.2g}); the site declines")
 
-    def hook(self, server_round: int) -> OpacusPrivacy:
-        """The Opacus hook for this round's `fit`, capped at the planned steps, with fresh sampling and noise."""
+    def hook(self, server_round: int) -> Any:
+        """The Opacus hook (engine.OpacusPrivacy) for this round's `fit`: capped at the planned steps, fresh noise."""
+        from .engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed
+
         seed = derive_seed(self.seed, self.run_id, server_round, self.ledger.steps)
         return OpacusPrivacy(self.plan, seed=seed, max_steps=self.plan.steps_per_round,
-                             grad_sample_mode=self.grad_sample_mode)
+                             grad_sample_mode=self.grad_sample_mode or DEFAULT_GRAD_SAMPLE_MODE,
+                             server_round=server_round)
 
-    def record(self, server_round: int, hook: OpacusPrivacy) -> dict[str, float]:
+    def record(self, server_round: int, hook: Any) -> dict[str, float]:
         """Append the round's steps to the ledger (atomically) and return the metrics sent with the reply."""
         self.ledger.record(server_round, hook.entries())
         return self.metrics()
@@ -147,3 +149,21 @@ class SitePrivacy:
 def no_privacy_metrics() -> dict[str, float]:
     """What a site without DP reports (no ε: a non-DP site gives no formal guarantee)."""
     return {"dp_enabled": 0, "budget_exhausted": 0}
+
+
+def site_startup_line(site: Any) -> str:
+    """The privacy line of a site's start-up summary, from the manifest table alone (no image is read).
+
+    `site` is a SiteConfig. n is estimated as the manifest's rows × (1 − val_fraction) — never below the
+    real training split, so δ < 1/n checked here also holds for the real n; the exact plan is made when
+    the run's first round arrives. Raises one-line ConfigErrors for δ ≥ 1/n or a budget too small for one round.
+    """
+    if not site.privacy.enabled:
+        return startup_check(site.privacy, n_train=1, batch_size=1)
+    from ..manifest import load_manifest
+
+    cases, _ = load_manifest(site.manifest)
+    if site.manifest_site is not None:
+        cases = [c for c in cases if c.site == site.manifest_site]
+    n_train = max(1, int(round(len(cases) * (1.0 - site.val_fraction))))
+    return startup_check(site.privacy, n_train=n_train, batch_size=site.batch_size or 8, where="site.privacy")
