@@ -18,7 +18,7 @@ import io
 import logging
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
@@ -209,14 +209,15 @@ def _feature_bins(cases: Sequence[Case], spec: PartitionSpec) -> dict[str, str]:
     return {cid: f"{spec.column}_q{int(np.searchsorted(edges, v, side='right')) + 1}" for cid, v in values.items()}
 
 
-def _split_site(members: Sequence[Case], spec: PartitionSpec, rng: np.random.Generator) -> dict[str, str]:
-    """Stratified train/val/test inside one site (every split gets its share of each subtype)."""
-    if spec.keep_manifest_split and all(c.split for c in members):
-        return {c.case_id: str(c.split) for c in members}
-    train = 1.0 - spec.val_fraction - spec.test_fraction
-    dealt = _stratified_deal(_by_stratum(members), np.array([train, spec.val_fraction, spec.test_fraction]), rng)
-    names = ("train", "val", "test")
-    return {cid: names[g] for cid, g in dealt.items()}
+def _split_site(members: Sequence[Case], spec: PartitionSpec, seed: int) -> dict[str, str]:
+    """Stratified train/val/test inside one site (the library's split, stratified on molecular subtype)."""
+    from fedsubtype.splits import stratified_split
+
+    if not spec.keep_manifest_split:
+        members = [replace(c, split=None) for c in members]
+    fractions = (1.0 - spec.val_fraction - spec.test_fraction, spec.val_fraction, spec.test_fraction)
+    splits = stratified_split(members, fractions, seed=seed, stratify_on="subtype")
+    return {c.case_id: name for name, group in splits.items() for c in group}
 
 
 def make_partition(cases: Sequence[Case], spec: PartitionSpec) -> Partition:
@@ -237,12 +238,12 @@ def make_partition(cases: Sequence[Case], spec: PartitionSpec) -> Partition:
     members_by_site: dict[str, list[Case]] = defaultdict(list)
     for c in cases:
         members_by_site[site[c.case_id]].append(c)
-    for name in sorted(members_by_site):
+    for index, name in enumerate(sorted(members_by_site)):
         members = members_by_site[name]
         if name == spec.external_site:
             split.update({c.case_id: "test" for c in members})
         else:
-            split.update(_split_site(members, spec, rng))
+            split.update(_split_site(members, spec, seed=spec.seed * 1000 + index))
     partition = Partition(cases, site, split, spec.external_site)
     for line in thin_site_warnings(partition):
         log.warning(line)

@@ -41,6 +41,7 @@ class DataSpec:
 
     manifest: Path = Path("data/phantom/manifest.csv")
     cache_dir: Path = Path("cache/preprocess")
+    cache_workers: int = 2
     phantom: PhantomSpec = field(default_factory=PhantomSpec)
 
 

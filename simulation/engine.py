@@ -1,0 +1,171 @@
+"""Federated runs on Flower's simulation engine (Ray backend) with the deployment's own ClientApp and ServerApp.
+
+Each virtual SuperNode gets its site exactly as `fedsubtype-client` gives it to a real one: a `site.yaml`
+path in the node config (`site-config`). The ServerApp reads the run's federation config from
+`<run-dir>/launch.json`, as under `fedsubtype-server`. Only this wiring is simulation-specific.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from fedsubtype.configio import atomic_write_text, dump_yaml, from_dict, to_dict
+from fedsubtype.errors import UserError
+from fedsubtype.manifest import write_manifest
+
+from .baselines import TrainedModel
+from .cohort import Cohort
+from .scenario import Scenario
+
+SITE_CONFIG_KEY = "site-config"  # the node-config key client/client_app.py reads
+PARTITION_ID_KEY = "partition-id"  # what Flower's simulation engine puts in each virtual node's config
+
+
+class SiteNodeClientApp:
+    """The real ClientApp, with virtual SuperNode i given site i's node config (as `--node-config` would).
+
+    Picklable, so Ray actors receive it; it changes nothing else about the app.
+    """
+
+    def __init__(self, app: Any, node_configs: dict[int, dict[str, str]]) -> None:
+        self.app = app
+        self.node_configs = node_configs
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        partition = int(context.node_config[PARTITION_ID_KEY])
+        context.node_config.update(self.node_configs[partition])
+        return self.app(message=message, context=context)
+
+
+class RunConfigServerApp:
+    """The real ServerApp, given the run config that `flwr run` would pass (the run folder)."""
+
+    def __init__(self, app: Any, run_config: dict[str, Any]) -> None:
+        self.app = app
+        self.run_config = run_config
+
+    def __call__(self, grid: Any, context: Any) -> None:
+        context.run_config.update(self.run_config)
+        self.app(grid=grid, context=context)
+
+
+def federation_config(key: Any, scen: Scenario, n_sites: int, run_dir: Path, cohort: Cohort) -> Any:
+    """The coordinator's FederationConfig for one run (the same schema `fedsubtype-server` reads)."""
+    from fedsubtype.federation_config import FederationConfig
+    from fedsubtype.model import ModelConfig
+
+    from .baselines import train_config
+
+    params = dict(key.params)
+    strategy = "fedavg" if key.family == "fedbn" else key.family
+    tc = train_config(scen, key.seed, scen.federation.local_epochs)
+    return FederationConfig(
+        run_dir=run_dir, rounds=scen.federation.rounds, strategy=strategy,  # type: ignore[arg-type]
+        proximal_mu=float(params.get("mu", 0.0)), server_lr=float(params.get("server_lr", 0.01)),
+        local_epochs=scen.federation.local_epochs, lr=tc.lr, batch_size=tc.batch_size, weight_decay=tc.weight_decay,
+        augment=tc.augment, seed=key.seed, min_sites=n_sites, fraction_train=scen.federation.fraction_train,
+        local_norm=key.family == "fedbn", insecure=True,
+        model=from_dict(ModelConfig, copy.deepcopy(scen.model), "scenario.model"),
+        preprocess=cohort.preprocess_config)
+
+
+def write_site_files(scen: Scenario, cohort: Cohort, sites: list[str], folder: Path) -> dict[int, dict[str, str]]:
+    """One site.yaml per virtual site (its own work folder) over a shared manifest of train/val rows."""
+    manifest = folder / "sites" / "manifest.csv"
+    part = cohort.partition
+    rows = [replace(c, site=part.site[c.case_id], split=part.split[c.case_id])
+            for c in cohort.cases if part.site[c.case_id] in sites and part.split[c.case_id] in ("train", "val")]
+    write_manifest(rows, manifest)
+    node_configs = {}
+    for i, site in enumerate(sites):
+        site_dir = folder / "sites" / site
+        privacy = dict(scen.privacy)
+        if privacy.get("enabled"):
+            privacy.setdefault("ledger", str((site_dir / "privacy_ledger.json").resolve()))
+        config = {
+            "name": site, "manifest": str(manifest.resolve()), "manifest_site": site,
+            "cache": str(Path(scen.data.cache_dir).resolve()), "work_dir": str(site_dir.resolve()),
+            "threads": scen.ray.threads_per_client, "device": "cpu", "allow_insecure": True,
+            "preprocess": to_dict(cohort.preprocess_config), "privacy": privacy,
+        }
+        dump_yaml(config, site_dir / "site.yaml")
+        node_configs[i] = {SITE_CONFIG_KEY: str((site_dir / "site.yaml").resolve())}
+    return node_configs
+
+
+def backend_config(scen: Scenario) -> dict[str, Any]:
+    """Ray resources: each virtual node's CPUs/GPUs; join `ray.address` when given, else start Ray locally."""
+    ray = scen.ray
+    init_args: dict[str, Any] = {"address": ray.address} if ray.address else {"num_cpus": ray.num_cpus or os.cpu_count() or 1}
+    return {"client_resources": {"num_cpus": ray.client_cpus, "num_gpus": ray.client_gpus}, "init_args": init_args}
+
+
+def _history(run_dir: Path, local_epochs: int) -> tuple[list[dict[str, Any]], int]:
+    """Per-round history (aggregated validation metrics, training loss) and training samples seen."""
+    path = run_dir / "rounds.json"
+    records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    rows: dict[int, dict[str, Any]] = {}
+    samples = 0
+    for r in records:
+        row = rows.setdefault(r["round"], {"round": r["round"], "epoch_equiv": r["round"] * local_epochs})
+        agg = r.get("aggregated") or {}
+        if r["phase"] == "train":
+            row["train_loss"] = agg.get("train-loss")
+            row["sites_answered"] = len(r["answered"])
+            samples += int(sum((a["metrics"].get("samples-seen") or 0) for a in r["answered"]))
+            row["epsilon"] = agg.get("epsilon")
+        else:
+            row["val_mean_auc"] = agg.get("mean-auc")
+            row["val_ki67_mae"] = agg.get("ki67-mae")
+            for task in ("er", "pr", "her2"):
+                row[f"val_{task}_auc"] = agg.get(f"{task}-auc")
+    return [rows[k] for k in sorted(rows)], samples
+
+
+def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], init_model: Any, folder: Path,
+                   say: Callable[[str], None], verbose: bool = False) -> TrainedModel:
+    """One federated run of `key` over `sites` on the simulation engine; returns the final global model."""
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from fedsubtype.checkpoint import load_model
+    from server.server_app import app as server_app
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run_dir = (folder / "server").resolve()
+    cfg = federation_config(key, scen, len(sites), run_dir, cohort)
+    cfg.validate("scenario federation")
+    resume = (run_dir / "checkpoints" / "latest.json").is_file()
+    atomic_write_text(run_dir / "launch.json", json.dumps({"federation": to_dict(cfg), "resume": resume}, indent=1))
+    node_configs = write_site_files(scen, cohort, sites, folder)
+    say(f"  Flower simulation engine: {len(sites)} virtual SuperNodes ({', '.join(sites)}), {cfg.rounds} rounds of "
+        f"{cfg.strategy}{' + local norm' if cfg.local_norm else ''}" + (" (resuming)" if resume else ""))
+    _quiet_engine(verbose)
+    try:
+        run_simulation(server_app=RunConfigServerApp(server_app, {"run-dir": str(run_dir)}),
+                       client_app=SiteNodeClientApp(client_app, node_configs),
+                       num_supernodes=len(sites), backend_config=backend_config(scen), verbose_logging=verbose)
+    except (RuntimeError, SystemExit) as exc:
+        raise UserError(f"the federated run failed ({exc})", "rerun with -v to see the engine's log",
+                        where=str(folder)) from None
+    model_path = run_dir / "model.pt"
+    if not model_path.is_file():
+        raise UserError("the federation finished without a final model", "rerun with -v to see the engine's log",
+                        where=str(run_dir))
+    model, _bundle = load_model(model_path)
+    history, samples = _history(run_dir, cfg.local_epochs)
+    return TrainedModel(model, list(sites), history, samples)
+
+
+def _quiet_engine(verbose: bool) -> None:
+    """Keep the engine's per-round progress lines; silence Ray's start-up chatter unless verbose."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    logging.getLogger("ray").setLevel(logging.ERROR)
