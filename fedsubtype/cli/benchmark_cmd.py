@@ -39,6 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     paper.set_defaults(func=run)
 
+    att = bsub.add_parser("attention", help="attention share in the regions where the phantom put the evidence",
+                          description="Needs a phantom cohort (latents.csv next to the manifest).")
+    att.add_argument("--model", type=Path, required=True, help="model.pt")
+    att.add_argument("--manifest", type=Path, required=True, help="phantom manifest (latents.csv beside it)")
+    att.add_argument("--splits", type=Path, help="splits.csv of the training run: use its test cases only")
+    att.add_argument("--cache", type=Path, default=None, help="preprocessing cache folder to reuse")
+    att.add_argument("--out", type=Path, default=Path("results/attention"), help="output folder")
+    att.set_defaults(func=run_attention)
+
 
 def run(args: argparse.Namespace) -> int:
     from ..benchmarks.paper import NETWORK_ROWS, RADIOMICS_ROWS, PaperBenchmark, run_paper_benchmark
@@ -67,4 +76,19 @@ def run(args: argparse.Namespace) -> int:
     table = run_paper_benchmark(bench)
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.csv, delong.csv, roc_*.png ({len(table['rows'])} rows)")
+    return 0
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    import csv
+
+    from ..benchmarks.attention_evidence import run_attention_benchmark
+
+    ids = None
+    if args.splits is not None:
+        if not args.splits.is_file():
+            raise UserError("splits file not found", "pass the splits.csv of a training run", where=str(args.splits))
+        ids = [r["case_id"] for r in csv.DictReader(open(args.splits)) if r.get("split") == "test"]
+    run_attention_benchmark(args.model, args.manifest, args.out, case_ids=ids, cache_dir=args.cache)
+    print((args.out / "attention_evidence.md").read_text())
     return 0
