@@ -1,0 +1,52 @@
+"""ModelConfig: the network's settings as a YAML-able dataclass, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .variants import VARIANTS
+
+
+@dataclass
+class ModelConfig:
+    """Settings of the spatial multi-task network (defaults: ~0.4 M parameters, CPU-friendly).
+
+    The input edge S must be a multiple of 8 (the extractor downsamples three times).
+    """
+
+    variant: str = "full"
+    """One of VARIANTS: the full model or an ablation row."""
+    in_channels: int = 1
+    """Image channels (one post-contrast phase)."""
+    width: int = 16
+    """Channels of the first stage; stages 2 and 3 use 2x and 4x."""
+    blocks: tuple[int, int, int] = (1, 1, 1)
+    """Residual blocks per stage."""
+    groups: int = 8
+    """GroupNorm groups (at most; the largest divisor of each layer's channels not above this)."""
+    feature_dim: int = 64
+    """Channels of the fused multi-scale feature map that is pooled per region."""
+    hidden_dim: int = 64
+    """Size of the shared representation feeding the task branches."""
+    dropout: float = 0.2
+    """Dropout before the task branches."""
+    region_channels: bool = True
+    """Give the network the used region masks as extra input channels (shape cues)."""
+    mask_input: bool = True
+    """Zero the image outside the regions a variant uses, so ablated tissue is truly unseen."""
+
+    def validate(self, where: str = "model") -> None:
+        """Raise ConfigError (one line naming the key) for an impossible setting."""
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {self.variant!r}", f"use one of {', '.join(VARIANTS)}",
+                              where=f"{where}.variant")
+        for key in ("in_channels", "width", "groups", "feature_dim", "hidden_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}", "use a positive number",
+                                  where=f"{where}.{key}")
+        if len(self.blocks) != 3 or any(b < 1 for b in self.blocks):
+            raise ConfigError(f"blocks must be three positive numbers, got {list(self.blocks)}", "e.g. [1, 1, 1]",
+                              where=f"{where}.blocks")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "e.g. 0.2", where=f"{where}.dropout")

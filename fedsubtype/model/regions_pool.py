@@ -1,0 +1,51 @@
+"""Region-of-interest weighting: attention-weighted pooling over core, rim and peritumoral tissue."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import REGION_LABELS
+from .variants import ALL_REGIONS
+
+
+def region_masks(regions: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """Binary masks [B,R,S,S,S] (float) of the named regions from a label map [B,S,S,S]."""
+    return torch.stack([(regions == REGION_LABELS[n]) for n in names], dim=1).to(torch.float32)
+
+
+def region_fractions(masks: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Fraction of each feature voxel covered by each region (soft downsampling keeps thin shells)."""
+    return F.adaptive_avg_pool3d(masks, size)
+
+
+class RegionWeighting(nn.Module):
+    """Pools features per region (weights = attention x region fraction), then mixes the regions
+    with input-dependent softmax weights from a small gate; absent regions get weight 0."""
+
+    def __init__(self, dim: int, regions: tuple[str, ...]) -> None:
+        super().__init__()
+        self.regions = tuple(regions)
+        self.index = [ALL_REGIONS.index(r) for r in self.regions]
+        self.proj = nn.ModuleDict({r: nn.Linear(dim, dim) for r in self.regions})
+        self.gate = nn.Sequential(nn.Linear(len(self.regions) * dim, dim), nn.SiLU(), nn.Linear(dim, len(self.regions)))
+        self.act = nn.SiLU()
+
+    def forward(self, feats: torch.Tensor, fractions: torch.Tensor, attention: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [B,C,s,s,s], fractions [B,R,s,s,s] (regions of this module), attention [B,1,s,s,s] or None.
+        Returns the region-weighted vector [B,C] and the weights [B,3] over ALL_REGIONS."""
+        weights = fractions if attention is None else fractions * attention
+        mass = weights.flatten(2).sum(-1)  # [B,R]
+        pooled = torch.einsum("bcxyz,brxyz->brc", feats, weights) / mass.clamp_min(1e-6).unsqueeze(-1)
+        projected = torch.stack([self.act(self.proj[r](pooled[:, i])) for i, r in enumerate(self.regions)], dim=1)
+        present = fractions.flatten(2).sum(-1) > 0
+        present = present | ~present.any(dim=1, keepdim=True)  # no region at all: uniform weights
+        logits = self.gate(pooled.flatten(1))
+        logits = torch.where(present, logits, torch.full_like(logits, -1e9))
+        w = torch.softmax(logits, dim=1)
+        vector = (w.unsqueeze(-1) * projected).sum(1)
+        full = torch.zeros(w.shape[0], len(ALL_REGIONS), dtype=w.dtype, device=w.device)
+        full = full.index_copy(1, torch.tensor(self.index, device=w.device), w)
+        return vector, full
