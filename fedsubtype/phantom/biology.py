@@ -143,7 +143,7 @@ def sample_latents(rng: np.random.Generator, bio: Biology, noise_scale: float = 
         "elongation": float(np.clip(1.0 + abs(0.25 * rng.standard_normal()) + 0.1 * rng.random(), 1.0, 1.8)),
         "lobulation": 0.22 * _sigmoid(lin["lobulation"]),
         "spiculation": _sigmoid(lin["spiculation"]),
-        "enhancement": float(np.clip(1.0 + 0.18 * lin["enhancement"], 0.55, 1.6)),
+        "enhancement": float(np.clip(1.0 + 0.12 * lin["enhancement"], 0.7, 1.5)),
         "necrosis": 0.45 * _sigmoid(lin["necrosis"]),
         "heterogeneity_fine": 0.30 * _sigmoid(lin["heterogeneity_fine"]),
         "heterogeneity_coarse": 0.35 * _sigmoid(lin["heterogeneity_coarse"]),

@@ -68,9 +68,12 @@ BASE_SITES: tuple[SiteProfile, ...] = (
 
 
 def site_profiles(n_sites: int) -> list[SiteProfile]:
-    """Profiles of `n_sites` sites; the last one is the small external site, beyond five they vary by cycling."""
+    """Profiles of `n_sites` sites: one site is the screening-like site1; otherwise the last one is the small
+    external site, and beyond five the internal profiles repeat with other intensity scales and noise."""
     if n_sites < 1:
         raise ValueError("n_sites must be >= 1")
+    if n_sites == 1:
+        return [BASE_SITES[0]]
     internal = BASE_SITES[:-1]
     sites: list[SiteProfile] = []
     for i in range(n_sites - 1):

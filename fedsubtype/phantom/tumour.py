@@ -109,7 +109,7 @@ def render_tumour(rng: np.random.Generator, grid: Grid, breast: Breast, latents:
         spic.ravel()[shell] = best
 
     fs = fat_suppression
-    base = (0.85 if fs else 1.1) * latents["enhancement"]
+    base = (0.85 if fs else 1.3) * latents["enhancement"]
     rim = latents["rim_enhancement"]
     w_rim = np.exp(-depth / 2.0)
     level = (1.0 - 0.55 * rim) * (1.0 - w_rim) + (1.0 + 0.35 * rim) * w_rim
