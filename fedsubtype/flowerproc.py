@@ -51,28 +51,49 @@ def start(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
                             start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), including those in other sessions (Flower starts some with setsid)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(k) for k in task.read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is left after `grace_s`."""
+    """SIGTERM the child's process group and every descendant, then SIGKILL whatever is left after `grace_s`."""
     if proc is None:
         return
+    below = descendants(proc.pid) if proc.poll() is None else []
     try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        pgid = None
-    if pgid is not None:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _signal_all(below, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
-    if pgid is not None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _signal_all([p for p in below if Path(f"/proc/{p}").exists()], signal.SIGKILL)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

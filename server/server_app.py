@@ -91,9 +91,22 @@ def make_strategy(cfg: FederationConfig) -> FedAvg:
     return FedYogi(**opt, **common)
 
 
-def round_config(cfg: FederationConfig) -> ConfigRecord:
+def run_id_of(run_dir: Path) -> str:
+    """The run's id, created once and kept across --resume (a DP site keys its privacy ledger on it)."""
+    import uuid
+
+    from fedsubtype.configio import atomic_write_text
+
+    path = Path(run_dir) / "run_id"
+    if not path.is_file():
+        atomic_write_text(path, uuid.uuid4().hex + "\n")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def round_config(cfg: FederationConfig, run_id: str = "run") -> ConfigRecord:
     """What every site needs for a round (FedProx adds `proximal-mu`; the strategy adds `server-round`)."""
     return ConfigRecord({
+        "run-id": run_id, "num-rounds": cfg.rounds,
         "local-epochs": cfg.local_epochs, "local-steps": cfg.local_steps or 0, "lr": cfg.lr,
         "batch-size": cfg.batch_size, "weight-decay": cfg.weight_decay, "augment": cfg.augment, "seed": cfg.seed,
         "local-norm": cfg.local_norm, "model-config": json.dumps(to_dict(cfg.model)),
@@ -161,7 +174,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, resume: bool) -> Path:
         seed_everything(cfg.seed)
         weights = get_weights(build_model(cfg.model))
     arrays = ArrayRecord(weights)
-    base = round_config(cfg)
+    base = round_config(cfg, run_id_of(cfg.run_dir))
     say(f"strategy {cfg.strategy}, {cfg.rounds} rounds, waiting for at least {cfg.min_sites} site(s)")
 
     for rnd in range(start, cfg.rounds + 1):

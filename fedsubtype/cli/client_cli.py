@@ -84,7 +84,7 @@ def supernode_args(site, *, insecure: bool) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..federated import SiteAlgo
-    from ..flowerproc import check_tls, split_address, start, stop, tail, wait_for_port
+    from ..flowerproc import check_tls, split_address, wait_for_port
     from ..site_config import load_site_config
 
     site = load_site_config(args.site)
@@ -126,14 +126,35 @@ def run(args: argparse.Namespace) -> int:
     env = {"FLWR_HOME": str(state / "flwr")}
     if site.threads:
         env.update(OMP_NUM_THREADS=str(site.threads), MKL_NUM_THREADS=str(site.threads))
-    proc = start(supernode_args(site, insecure=args.insecure), log_path, env=env)
-    print(f"site {site.name}: joined {site.superlink} as a SuperNode (pid {proc.pid}); log {log_path}; Ctrl-C to leave")
 
     def _terminate(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    deadline = time.monotonic() + site.connect_timeout_s
+    delay = 2.0
+    while True:
+        proc, failure = _run_supernode(site, args.insecure, log_path, env)
+        if failure is None:
+            return 0
+        # The coordinator may still be registering keys when a site starts: retry a refused key until the deadline.
+        if "not registered" in failure.what and time.monotonic() + delay < deadline:
+            print(f"{PROG}: the SuperLink does not know this site's key yet; retrying in {delay:.0f} s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        raise failure
+
+
+def _run_supernode(site, insecure: bool, log_path: Path, env: dict) -> tuple[object, UserError | None]:
+    """Run the SuperNode until it exits; (process, None) for a normal end, else the reason as a UserError."""
+    from ..flowerproc import start, stop
+
     offset = log_path.stat().st_size if log_path.is_file() else 0
+    proc = start(supernode_args(site, insecure=insecure), log_path, env=env)
+    print(f"site {site.name}: connecting to {site.superlink} as a SuperNode (pid {proc.pid}); log {log_path}; "
+          "Ctrl-C to leave", flush=True)
+    first = offset
     try:
         while proc.poll() is None:
             time.sleep(1.0)
@@ -141,13 +162,23 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop(proc)
         print(f"site {site.name}: left the federation")
-        return 0
+        return proc, None
     finally:
         stop(proc)
     _echo_new(log_path, offset)
     if proc.returncode in (0, -signal.SIGTERM, 3):
-        return 0
-    raise classify_failure(tail(log_path, 40))
+        return proc, None
+    return proc, classify_failure(_since(log_path, first))
+
+
+def _since(path: Path, offset: int) -> str:
+    """Log text written after `offset`."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _echo_new(path: Path, offset: int) -> int:

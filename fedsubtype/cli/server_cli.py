@@ -263,7 +263,7 @@ def prepare_run(args: argparse.Namespace):
             raise UserError("run folder already holds a run", "pass --resume RUN_DIR to continue it, --overwrite to "
                             "start over, or set another run_dir", where=str(run_dir))
         if args.overwrite:
-            for name in ("rounds.json", "metrics_per_round.csv", "metrics_per_site.csv", "model.pt"):
+            for name in ("rounds.json", "metrics_per_round.csv", "metrics_per_site.csv", "model.pt", "run_id"):
                 (run_dir / name).unlink(missing_ok=True)
             ckpts = run_dir / "checkpoints"
             if ckpts.is_dir():
