@@ -41,9 +41,10 @@ class RegionWeighting(nn.Module):
         pooled = torch.einsum("bcxyz,brxyz->brc", feats, weights) / mass.clamp_min(1e-6).unsqueeze(-1)
         projected = torch.stack([self.act(self.proj[r](pooled[:, i])) for i, r in enumerate(self.regions)], dim=1)
         present = fractions.flatten(2).sum(-1) > 0
-        present = present | ~present.any(dim=1, keepdim=True)  # no region at all: uniform weights
         logits = self.gate(pooled.flatten(1))
         logits = torch.where(present, logits, torch.full_like(logits, -1e9))
+        none = ~present.any(dim=1, keepdim=True)
+        logits = torch.where(none, torch.zeros_like(logits), logits)  # no region at all: uniform weights
         w = torch.softmax(logits, dim=1)
         vector = (w.unsqueeze(-1) * projected).sum(1)
         full = torch.zeros(w.shape[0], len(ALL_REGIONS), dtype=w.dtype, device=w.device)

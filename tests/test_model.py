@@ -1,0 +1,212 @@
+"""The spatial multi-task network: shapes, explanations, ablation semantics, Opacus compatibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+
+from fedsubtype.configio import from_dict
+from fedsubtype.errors import ConfigError
+from fedsubtype.model import VARIANTS, ModelConfig, build_model, count_parameters, state_bytes
+
+S = 16
+
+
+def _case(batch: int = 2, size: int = S, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random image and a nested core / rim / peritumoral region map (cubes) inside background."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 1, size, size, size, generator=g)
+    regions = torch.zeros(batch, size, size, size, dtype=torch.int64)
+    q = size // 8
+    regions[:, q:-q, q:-q, q:-q] = 3
+    regions[:, 2 * q:-2 * q, 2 * q:-2 * q, 2 * q:-2 * q] = 2
+    regions[:, 3 * q:-3 * q, 3 * q:-3 * q, 3 * q:-3 * q] = 1
+    return image, regions
+
+
+def _eval_model(variant: str, seed: int = 0) -> torch.nn.Module:
+    return build_model(ModelConfig(variant=variant, width=8, feature_dim=16, hidden_dim=16), seed=seed).eval()
+
+
+def test_variants_are_the_paper_rows() -> None:
+    assert list(VARIANTS) == ["full", "no_multiscale_attention", "no_peritumoral", "no_multitask",
+                              "no_shared_extractor", "single_scale_attention", "core_only"]
+    assert VARIANTS["full"] == "Full model"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_outputs_and_explanations_for_every_variant(variant: str) -> None:
+    model = _eval_model(variant)
+    image, regions = _case()
+    with torch.no_grad():
+        plain = model(image, regions)
+        out = model(image, regions, explain=True)
+    assert set(plain) == {"logits", "ki67"}
+    assert out["logits"].shape == (2, 3) and out["ki67"].shape == (2,)
+    assert torch.all((out["ki67"] > 0) & (out["ki67"] < 1))
+    torch.testing.assert_close(plain["logits"], out["logits"])
+    att = out["attention"]
+    assert "fused" in att
+    for name, m in att.items():
+        assert m.shape == (2, 1, S, S, S), name
+        assert torch.all((m >= 0) & (m <= 1)), name
+    w = out["region_weights"]
+    assert w.shape == (2, 3)
+    assert torch.all(w >= 0)
+    torch.testing.assert_close(w.sum(1), torch.ones(2))
+
+
+def test_attention_scales_per_variant() -> None:
+    image, regions = _case()
+    keys = {v: set(_eval_model(v)(image, regions, explain=True)["attention"]) for v in
+            ("full", "single_scale_attention", "no_multiscale_attention")}
+    assert keys["full"] == {"scale_1", "scale_2", "scale_3", "fused"}
+    assert keys["single_scale_attention"] == {"scale_3", "fused"}
+    assert keys["no_multiscale_attention"] == {"fused"}
+    uniform = _eval_model("no_multiscale_attention")(image, regions, explain=True)["attention"]["fused"]
+    assert torch.all(uniform == 1)
+
+
+def test_region_weights_follow_the_variant_and_absent_regions() -> None:
+    image, regions = _case()
+    w_core = _eval_model("core_only")(image, regions, explain=True)["region_weights"]
+    torch.testing.assert_close(w_core, torch.tensor([[1.0, 0.0, 0.0]] * 2))
+    w_np = _eval_model("no_peritumoral")(image, regions, explain=True)["region_weights"]
+    assert torch.all(w_np[:, 2] == 0) and torch.all(w_np[:, :2] > 0)
+    no_peri = torch.where(regions == 3, torch.zeros_like(regions), regions)
+    w_full = _eval_model("full")(image, no_peri, explain=True)["region_weights"]
+    assert torch.all(w_full[:, 2] == 0)
+    torch.testing.assert_close(w_full.sum(1), torch.ones(2))
+    empty = torch.zeros_like(regions)
+    w_empty = _eval_model("full")(image, empty, explain=True)["region_weights"]
+    torch.testing.assert_close(w_empty, torch.full((2, 3), 1 / 3))
+
+
+@pytest.mark.parametrize("size", [24, 32])
+def test_other_input_sizes(size: int) -> None:
+    image, regions = _case(batch=1, size=size)
+    out = _eval_model("full")(image, regions, explain=True)
+    assert out["logits"].shape == (1, 3)
+    assert out["attention"]["fused"].shape == (1, 1, size, size, size)
+
+
+def test_bad_input_shapes_are_reported() -> None:
+    model = _eval_model("full")
+    image, regions = _case(size=16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model(image[..., :12, :12, :12], regions[..., :12, :12, :12])
+    with pytest.raises(ValueError, match="do not match"):
+        model(image, regions[:1])
+
+
+def _perturb(image: torch.Tensor, where: torch.Tensor, seed: int = 5) -> torch.Tensor:
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed)) * 3
+    return torch.where(where.unsqueeze(1), image + noise, image)
+
+
+def test_core_only_ignores_rim_peritumoral_and_background() -> None:
+    model = _eval_model("core_only")
+    image, regions = _case()
+    with torch.no_grad():
+        ref = model(image, regions)
+        changed = model(_perturb(image, regions != 1), regions)
+        relabelled = model(image, torch.where(regions == 3, torch.zeros_like(regions), regions))
+    for out in (changed, relabelled):
+        torch.testing.assert_close(out["logits"], ref["logits"])
+        torch.testing.assert_close(out["ki67"], ref["ki67"])
+    with torch.no_grad():
+        core_changed = model(_perturb(image, regions == 1), regions)
+    assert not torch.allclose(core_changed["logits"], ref["logits"])
+
+
+def test_no_peritumoral_ignores_the_peritumoral_shell_but_not_the_rim() -> None:
+    image, regions = _case()
+    model = _eval_model("no_peritumoral")
+    with torch.no_grad():
+        ref = model(image, regions)
+        peri = model(_perturb(image, regions == 3), regions)
+        rim = model(_perturb(image, regions == 2), regions)
+        full_ref = _eval_model("full")(image, regions)
+        full_peri = _eval_model("full")(_perturb(image, regions == 3), regions)
+    torch.testing.assert_close(peri["logits"], ref["logits"])
+    torch.testing.assert_close(peri["ki67"], ref["ki67"])
+    assert not torch.allclose(rim["logits"], ref["logits"])
+    assert not torch.allclose(full_peri["logits"], full_ref["logits"])  # the full model does see it
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_only_groupnorm_and_opacus_compatible(variant: str) -> None:
+    model = build_model(ModelConfig(variant=variant))
+    assert ModuleValidator.validate(model, strict=True) == []
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "GroupNorm" in kinds
+    assert not any("BatchNorm" in k or "InstanceNorm" in k for k in kinds)
+
+
+def test_opacus_per_sample_gradients_for_every_parameter() -> None:
+    model = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0)
+    gsm = GradSampleModule(model)
+    image, regions = _case(batch=3)
+    out = gsm(image, regions)
+    (out["logits"].sum() + out["ki67"].sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_reach_every_parameter(variant: str) -> None:
+    model = build_model(ModelConfig(variant=variant, width=8, feature_dim=16, hidden_dim=16, dropout=0.0), seed=1)
+    image, regions = _case()
+    out = model(image, regions)
+    (out["logits"].sum() + out["ki67"].sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if variant == "full":
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_same_seed_same_model_and_outputs() -> None:
+    image, regions = _case()
+    a, b, c = _eval_model("full", seed=7), _eval_model("full", seed=7), _eval_model("full", seed=8)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    with torch.no_grad():
+        torch.testing.assert_close(a(image, regions)["logits"], b(image, regions)["logits"], rtol=0, atol=0)
+        assert not torch.allclose(a(image, regions)["logits"], c(image, regions)["logits"])
+
+
+def test_separate_extractors_and_independent_networks() -> None:
+    shared = build_model(ModelConfig(variant="full"))
+    separate = build_model(ModelConfig(variant="no_shared_extractor"))
+    single = build_model(ModelConfig(variant="no_multitask"))
+    assert len(shared.extractors) == 1 and len(separate.extractors) == 4
+    assert len(separate.heads) == 4 and separate.attention is not None  # attention/regions stay shared
+    assert set(single.members) == {"er", "pr", "her2", "ki67"}
+    assert all(len(m.heads) == 1 and len(m.extractors) == 1 for m in single.members.values())
+    # in no_multitask, the ER loss moves only the ER member
+    image, regions = _case()
+    single.train()
+    single(image, regions)["logits"][:, 0].sum().backward()
+    for task, member in single.members.items():
+        got = any(p.grad is not None and p.grad.abs().sum() > 0 for p in member.parameters())
+        assert got == (task == "er"), task
+
+
+def test_size_budget_for_federation() -> None:
+    model = build_model(ModelConfig())
+    n = count_parameters(model)
+    assert 100_000 < n < 1_000_000
+    assert state_bytes(model) == 4 * n  # float32, no buffers
+
+
+def test_config_from_yaml_mapping() -> None:
+    cfg = from_dict(ModelConfig, {"variant": "core_only", "width": 8, "blocks": [1, 2, 1]}, "model")
+    assert cfg.blocks == (1, 2, 1) and cfg.variant == "core_only"
+    with pytest.raises(ConfigError, match="variant"):
+        from_dict(ModelConfig, {"variant": "nope"}, "model")
+    with pytest.raises(ConfigError, match="unknown key 'widht'"):
+        from_dict(ModelConfig, {"widht": 8}, "model")
+    with pytest.raises(ConfigError, match="dropout"):
+        from_dict(ModelConfig, {"dropout": 1.5}, "model")
