@@ -129,8 +129,12 @@ def _history(run_dir: Path, local_epochs: int) -> tuple[list[dict[str, Any]], in
 
 
 def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], init_model: Any, folder: Path,
-                   say: Callable[[str], None], verbose: bool = False) -> TrainedModel:
-    """One federated run of `key` over `sites` on the simulation engine; returns the final global model."""
+                   say: Callable[[str], None], verbose: bool = False) -> dict[str, TrainedModel]:
+    """One federated run of `key` over `sites` on the simulation engine.
+
+    Returns the final global model as "global"; under FedBN also each site's personalised model (the
+    global weights with the site's own normalisation layers) under the site's name.
+    """
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
@@ -160,7 +164,27 @@ def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], i
                         where=str(run_dir))
     model, _bundle = load_model(model_path)
     history, samples = _history(run_dir, cfg.local_epochs)
-    return TrainedModel(model, list(sites), history, samples)
+    out = {"global": TrainedModel(model, list(sites), history, samples)}
+    if cfg.local_norm:
+        out.update(_personalised(model, sites, folder, samples))
+    return out
+
+
+def _personalised(model: Any, sites: list[str], folder: Path, samples: int) -> dict[str, TrainedModel]:
+    """FedBN: each site's model = global weights + the normalisation layers the site kept locally."""
+    import torch
+
+    out = {}
+    for site in sites:
+        path = folder / "sites" / site / "local_norm.pt"  # where SiteAlgo keeps a site's local layers
+        if not path.is_file():
+            continue
+        local = copy.deepcopy(model)
+        state = local.state_dict()
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+        local.load_state_dict(state)
+        out[site] = TrainedModel(local.eval(), [site], [], samples)
+    return out
 
 
 def _quiet_engine(verbose: bool) -> None:

@@ -110,6 +110,7 @@ def main_table(records: list[dict[str, Any]]) -> str:
 def per_site_table(records: list[dict[str, Any]], sites: list[str]) -> str:
     """Mean AUC on each site's test split (local-only: each site's own model)."""
     lines = ["| setting | method | " + " | ".join(sites) + f" | {POOLED} |", "|---|---|" + "---|" * (len(sites) + 1)]
+    # local-only and FedBN: each site's own (personalised) model on its own test split
     for setting in _settings(records):
         for method in _methods(records):
             runs = _select(records, setting=setting, method=method, holdout=ALL)
@@ -117,7 +118,7 @@ def per_site_table(records: list[dict[str, Any]], sites: list[str]) -> str:
                 continue
             cells = []
             for site in sites:
-                if runs[0]["family"] == "local":
+                if runs[0]["family"] in ("local", "fedbn") and any(ev["model"] == site for ev in runs[0]["evaluations"]):
                     cells.append(fmt([_value(r, site, site, "mean_auc") for r in runs]))
                 else:
                     cells.append(fmt([run_value(r, site, "mean_auc") for r in runs]))
@@ -280,7 +281,7 @@ def plot_per_site(records: list[dict[str, Any]], sites: list[str], path: Path) -
         width = 0.8 / max(1, len(methods))
         for i, method in enumerate(methods):
             runs = _select(records, setting=setting, method=method, holdout=ALL)
-            local = runs[0]["family"] == "local"
+            local = runs[0]["family"] in ("local", "fedbn")
             stats = [mean_sd([_value(r, s, s, "mean_auc") if local else run_value(r, s, "mean_auc") for r in runs]) for s in sites]
             ax.bar(np.arange(len(sites)) + i * width, [m for m, _, _ in stats], width,
                    yerr=[sd if n > 1 else 0 for _, sd, n in stats], label=method, capsize=2)

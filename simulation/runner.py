@@ -57,7 +57,8 @@ def plan_runs(scen: Scenario, setting: str, sites: list[str]) -> list[RunKey]:
     for seed in scen.seeds:
         for holdout in holdouts:
             for method in scen.methods:
-                if method.name == "local" and holdout != ALL_SITES:
+                if holdout != ALL_SITES and (method.name == "local" or (
+                        scen.loso_methods is not None and method.name not in scen.loso_methods)):
                     continue  # a local model never sees the held-out site anyway
                 for label, params in method.variants():
                     keys.append(RunKey(setting, label, method.name, tuple(sorted(params.items())), seed, holdout))
@@ -66,11 +67,10 @@ def plan_runs(scen: Scenario, setting: str, sites: list[str]) -> list[RunKey]:
 
 def initial_model(scen: Scenario, seed: int) -> Any:
     """The same initial weights for every method of a seed."""
-    import torch
-
     from fedsubtype.model import ModelConfig, build_model
+    from fedsubtype.training import seed_everything
 
-    torch.manual_seed(seed)
+    seed_everything(seed)  # as the ServerApp does before building the initial global model
     return build_model(from_dict(ModelConfig, copy.deepcopy(scen.model), "scenario.model"))
 
 
@@ -128,7 +128,7 @@ def execute_run(key: RunKey, scen: Scenario, cohort: Cohort, root: Path, config_
     elif key.family in FEDERATED:
         from .engine import run_federation
 
-        trained["global"] = run_federation(key, scen, cohort, train_sites, init, folder / "federation", say, verbose)
+        trained.update(run_federation(key, scen, cohort, train_sites, init, folder / "federation", say, verbose))
     else:  # guarded by the scenario schema
         raise ValueError(key.family)
     evaluations, rows, pooled_preds = [], [], {}

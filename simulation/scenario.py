@@ -142,6 +142,7 @@ class Scenario:
     methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec("pooled"), MethodSpec("local"), MethodSpec("fedavg")])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     leave_one_site_out: bool = False
+    loso_methods: list[str] | None = None  # methods that also run leave-one-site-out (None: all but local)
     include_all_sites: bool = True
     sweep: SweepSpec | None = None
     ray: RaySpec = field(default_factory=RaySpec)
@@ -157,6 +158,11 @@ class Scenario:
         labels = [label for m in self.methods for label, _ in m.variants()]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"two methods share a label ({labels})", "give one a distinct 'label'", where=f"{where}.methods")
+        names = {m.name for m in self.methods}
+        unknown = [m for m in (self.loso_methods or []) if m not in names]
+        if unknown:
+            raise ConfigError(f"loso_methods lists '{unknown[0]}', which is not among the methods",
+                              f"use some of {', '.join(sorted(names))}", where=f"{where}.loso_methods")
         if not self.include_all_sites and not self.leave_one_site_out:
             raise ConfigError("nothing to run: include_all_sites and leave_one_site_out are both false",
                               "set one of them true", where=where)
@@ -207,12 +213,23 @@ def _check_sub_configs(scen: Scenario, where: str) -> None:
         from_dict(cls, copy.deepcopy(getattr(scen, section)), f"{where}.{section}")
 
 
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` inside nested mappings (creating levels), e.g. from `--set federation.budget_epochs=4`."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
 def load_scenario(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Scenario:
-    """Read and validate a scenario file (plus optional top-level overrides, e.g. from the CLI)."""
+    """Read and validate a scenario file, with optional overrides (dotted keys allowed, e.g. from the CLI)."""
     path = Path(path)
     data = load_yaml(path)
-    if overrides:
-        data.update(overrides)
+    for dotted, value in (overrides or {}).items():
+        apply_override(data, dotted, value)
     where = str(path)
     if "name" not in data:
         data["name"] = path.stem

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the scenario's seeds")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run only these methods of the scenario (by name, e.g. pooled fedavg)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a scenario value, e.g. --set federation.budget_epochs=4 (VALUE is YAML); repeatable")
     parser.add_argument("--ray-address", default=None,
                         help="join an existing Ray cluster (e.g. auto or ray://HOST:10001) instead of starting one")
     parser.add_argument("--plan", action="store_true", help="validate, partition and list the runs, then stop")
@@ -41,6 +43,15 @@ def _run(args: argparse.Namespace) -> int:
     from simulation.scenario import load_scenario
 
     overrides: dict = {}
+    for item in args.settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            from fedsubtype.errors import UserError
+
+            raise UserError(f"--set {item!r} is not KEY=VALUE", "e.g. --set federation.budget_epochs=4", where="--set")
+        import yaml
+
+        overrides[key.strip()] = yaml.safe_load(raw)
     if args.seeds:
         overrides["seeds"] = args.seeds
     if args.output:
