@@ -16,7 +16,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -118,13 +118,30 @@ def read_image_noted(path: str | os.PathLike, *, series_uid: str | None = None) 
     if suffix not in FILE_SUFFIXES:
         raise ImageReadError(f"unsupported file type '{suffix or path.name}'",
                              "use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD or a DICOM series folder", where=str(path))
-    if suffix in (".nii", ".nii.gz"):
-        check_nifti_file(path)
     try:
+        if suffix == ".nii.gz":
+            return _read_nifti_gz(path), None
+        if suffix == ".nii":
+            check_nifti_file(path)
         return sitk.ReadImage(str(path)), None
     except RuntimeError as exc:
         raise ImageReadError(f"cannot read image ({_first_line(exc)})",
                              "the file is truncated or corrupt: re-export or re-download it", where=str(path)) from None
+
+
+def _scratch_dir() -> str | None:
+    """RAM-backed /dev/shm where available (the system temp folder otherwise)."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def _read_nifti_gz(path: Path) -> sitk.Image:
+    """Decompress once while checking (CRC, length, NaN/Inf), then let ITK read the verified bytes:
+    faster than ITK's own gzip reader and immune to the file changing between check and read."""
+    with tempfile.NamedTemporaryFile(suffix=".nii", dir=_scratch_dir()) as tmp:
+        check_nifti_file(path, sink=tmp)
+        tmp.flush()
+        return sitk.ReadImage(tmp.name)
 
 
 def _read_dicom_noted(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
@@ -204,12 +221,15 @@ def _decompressed_chunks(path: Path) -> Iterator[bytes]:
             raise EOFError("compressed data ends before the end-of-stream marker")
 
 
-def check_nifti_file(path: Path) -> None:
+def check_nifti_file(path: Path, sink: BinaryIO | None = None) -> None:
     """What ITK lets through silently: a truncated file (read zero-padded), a bad gzip CRC, NaN/Inf voxels
-    (read as 0). Each is an ImageReadError here, so a case never trains on invented voxels."""
+    (read as 0). Each is an ImageReadError here, so a case never trains on invented voxels.
+    The (decompressed) bytes are also written to `sink` when given."""
     head, layout, total, nonfinite, pending = b"", None, 0, 0, b""
     try:
         for chunk in _decompressed_chunks(path):
+            if sink is not None:
+                sink.write(chunk)
             start = total
             total += len(chunk)
             if layout is None:
@@ -223,11 +243,11 @@ def check_nifti_file(path: Path) -> None:
             if layout.float_dtype is not None:
                 lo = max(0, layout.data_offset - start)
                 hi = max(lo, min(len(chunk), layout.data_offset + layout.data_bytes - start))
-                data = pending + chunk[lo:hi]
+                data = pending + chunk[lo:hi] if pending else memoryview(chunk)[lo:hi]
                 usable = len(data) - len(data) % layout.float_dtype.itemsize
                 values = np.frombuffer(data[:usable], dtype=layout.float_dtype)
                 nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
-                pending = data[usable:]
+                pending = bytes(data[usable:])
     except (EOFError, zlib.error) as exc:
         raise ImageReadError(f"compressed file is truncated or corrupt ({exc})",
                              "re-export or re-download the file", where=str(path)) from None
