@@ -201,12 +201,14 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
 
 
 def _decompressed_chunks(path: Path) -> Iterator[bytes]:
-    """The file's bytes, gunzipped for .gz; zlib checks every member's CRC and length."""
+    """The file's bytes, gunzipped when it is gzip; zlib checks every member's CRC and length."""
     with open(path, "rb") as fh:
-        if not path.name.lower().endswith(".gz"):
+        if fh.read(2) != b"\x1f\x8b":  # not gzip, whatever the name says (ITK reads such .nii.gz too)
+            fh.seek(0)
             while chunk := fh.read(1 << 20):
                 yield chunk
             return
+        fh.seek(0)
         inflater = zlib.decompressobj(wbits=31)
         while chunk := fh.read(1 << 20):
             while chunk:

@@ -127,6 +127,14 @@ def _garbage(d: Path, cid: str) -> tuple[str, str]:
     return image, mask
 
 
+def _plain_named_gz(d: Path, cid: str) -> tuple[str, str]:
+    """An uncompressed NIfTI saved under a .nii.gz name (common, and readable)."""
+    img = make_image()
+    sitk.WriteImage(img, str(d / f"{cid}.nii"))
+    (d / f"{cid}.nii").rename(d / f"{cid}.nii.gz")
+    return f"{cid}.nii.gz", _write(make_mask(img), d / f"{cid}_mask.nii.gz")
+
+
 def _truncated_gz(d: Path, cid: str) -> tuple[str, str]:
     image, mask = _good(d, cid)
     _cut_in_half(d / image)
@@ -253,7 +261,8 @@ def _two_dicom_series(d: Path, cid: str) -> tuple[str, str]:
 CORPUS: dict[str, tuple[Callable[[Path, str], tuple[str, str]], str | None, str]] = {
     "good": (_good, None, ""),
     "missing_file": (_missing_file, "error", "file not found"),
-    "garbage": (_garbage, "error", "corrupt"),
+    "garbage": (_garbage, "error", "not a NIfTI file"),
+    "plain_nii_named_gz": (_plain_named_gz, None, ""),
     "truncated_gz": (_truncated_gz, "error", "truncated"),
     "corrupt_gz": (_corrupt_gz, "error", "corrupt"),
     "truncated_nii": (_truncated_nii, "error", "truncated"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broken_cases import CORPUS, HEADER, build_corpus
+from broken_cases import CORPUS, build_corpus
 from fedsubtype.cli import main
 from fedsubtype.manifest import load_manifest
 from fedsubtype.validation import validate_case, validate_cases, validate_manifest
