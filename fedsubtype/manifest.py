@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import math
 import os
@@ -78,6 +79,19 @@ def _resolve(base: Path, raw: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _rename_hint(missing: list[str], header: list[str]) -> str:
+    """'rename 'Ki-67' to 'ki67'; ' for header names that look like a missing required column."""
+    def key(name: str) -> str:
+        return "".join(ch for ch in name.lower() if ch.isalnum())
+
+    pairs = []
+    for col in missing:
+        near = [h for h in header if key(h) == key(col)] or difflib.get_close_matches(col, header, n=1, cutoff=0.75)
+        if near and near[0] not in REQUIRED_COLUMNS:
+            pairs.append(f"rename '{near[0]}' to '{col}'")
+    return "; ".join(pairs) + "; " if pairs else ""
+
+
 def load_manifest(path: str | os.PathLike) -> tuple[list[Case], list[Problem]]:
     """Parse every row; return the usable cases and every problem found (one per line, all at once).
 
@@ -95,7 +109,8 @@ def load_manifest(path: str | os.PathLike) -> tuple[list[Case], list[Problem]]:
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise ManifestError(f"missing column(s) {', '.join(missing)}",
-                            f"the header must contain {', '.join(REQUIRED_COLUMNS)}", where=str(path))
+                            _rename_hint(missing, header) + f"the header must contain {', '.join(REQUIRED_COLUMNS)}",
+                            where=str(path))
     base = path.parent
     cases: list[Case] = []
     problems: list[Problem] = []

@@ -95,3 +95,13 @@ def test_written_labels_never_turn_missing_into_zero(tmp_path):
     write_manifest([case], tmp_path / "m.csv")
     row = (tmp_path / "m.csv").read_text().splitlines()[1]
     assert row.endswith(",s,0,,1,")
+
+
+def test_misnamed_columns_get_a_rename_hint(tmp_path):
+    path = _manifest(tmp_path, "a,a.nii.gz,a_m.nii.gz,s,1,1,0,5",
+                     header="case_id,image,mask,site,ER,pr,her2,Ki-67")
+    with pytest.raises(ManifestError) as exc:
+        load_manifest(path)
+    line = exc.value.line()
+    assert "missing column(s) er, ki67" in line
+    assert "rename 'ER' to 'er'; rename 'Ki-67' to 'ki67'" in line
