@@ -66,8 +66,10 @@ def choose_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
     folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
-        raise ImageReadError("folder holds no DICOM series",
-                             "point the manifest at a NIfTI/NRRD/MHA file or at a folder of DICOM slices", where=str(folder))
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        fix = (f"point at the subfolder that holds the slices (it has: {', '.join(subfolders[:5])})" if subfolders
+               else "point the manifest at a NIfTI/NRRD/MHA file or at a folder of DICOM slices")
+        raise ImageReadError("folder holds no DICOM series", fix, where=str(folder))
     if series_uid:
         chosen = [s for s in series if s.uid == series_uid]
         if not chosen:

@@ -100,11 +100,15 @@ def test_read_errors_are_one_line(tmp_path):
     (tmp_path / "bad.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
     cases = {tmp_path / "empty": "no DICOM series", tmp_path / "x.png": "unsupported file type",
              tmp_path / "nope.nii.gz": "file not found", tmp_path / "bad.mha": "cannot read image"}
+    (tmp_path / "nested" / "series_a").mkdir(parents=True)
+    cases[tmp_path / "nested"] = "no DICOM series"
     for path, text in cases.items():
         with pytest.raises(ImageReadError, match=text) as exc:
             read_image(path)
         line = exc.value.line()
         assert "\n" not in line and line.startswith(str(path)) and " — " in line
+    with pytest.raises(ImageReadError, match="subfolder that holds the slices .it has: series_a"):
+        read_image(tmp_path / "nested")
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
