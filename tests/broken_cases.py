@@ -6,6 +6,7 @@ reads a user's data.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -51,7 +52,7 @@ def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str | None =
     """Write a 3D image as a DICOM series (one int16 file a slice, with the geometry tags); return its UID."""
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.Cast(sitk.RescaleIntensity(image, 0, 4000), sitk.sitkInt16)
-    series_uid = series_uid or f"1.2.826.0.1.3680043.2.1125.{int(time.time() * 1e6) % 10**12}.{abs(hash(str(folder))) % 10**6}"
+    series_uid = series_uid or "1.2.826.0.1.3680043.2.1125." + str(int(hashlib.sha1(str(folder).encode()).hexdigest()[:12], 16))
     direction = img.GetDirection()
     now_date, now_time = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
     common = [
