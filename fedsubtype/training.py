@@ -47,7 +47,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
-    ki67_loss: str = "mse"
+    ki67_loss: Literal["mse", "huber"] = "mse"
     class_weighting: bool = False
     progress: bool = True
     eval_every: int = 1
@@ -221,22 +221,12 @@ def _label_matrix(data: Dataset) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, len(TASKS)))
 
 
-def positive_class_weights(labels: np.ndarray) -> torch.Tensor:
-    """neg/pos ratio per classification task from a (N,4) NaN-missing label matrix (1.0 where undefined)."""
-    out = []
-    for j, _ in enumerate(CLASSIFICATION_TASKS):
-        col = labels[:, j]
-        col = col[~np.isnan(col)]
-        pos, neg = float((col == 1).sum()), float((col == 0).sum())
-        out.append(neg / pos if pos > 0 and neg > 0 else 1.0)
-    return torch.tensor(out, dtype=torch.float32)
+def _build_loss(cfg: TrainConfig, train_labels: np.ndarray) -> Callable:
+    """The joint loss with the configured task weights and, optionally, the training split's class weights."""
+    from .model.loss import JointLoss, pos_weight_from_labels
 
-
-def _build_loss(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
-    from .model.loss import JointLoss
-
-    weights = {t: float(cfg.task_weights.get(t, 1.0)) for t in TASKS}
-    pos_weight = positive_class_weights(train_labels) if cfg.class_weighting else None
+    weights = tuple(float(cfg.task_weights.get(t, 1.0)) for t in TASKS)
+    pos_weight = pos_weight_from_labels(train_labels) if cfg.class_weighting else None
     return JointLoss(task_weights=weights, ki67_loss=cfg.ki67_loss, pos_weight=pos_weight)
 
 
@@ -291,15 +281,29 @@ def _batch_len(batch: dict) -> int:
     return int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
 
 
-def _parts_to_floats(parts: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if isinstance(parts, dict):
-        for k, v in parts.items():
-            try:
-                out[str(k)] = float(v)
-            except (TypeError, ValueError):
-                continue
-    return out
+class _LossMeter:
+    """Epoch means of the loss and of each task's term, each task weighted by how many cases had its label."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.batches = 0
+        self.task_sum = {t: 0.0 for t in TASKS}
+        self.task_n = {t: 0 for t in TASKS}
+
+    def add(self, loss: float, parts: dict[str, Any]) -> None:
+        self.total += loss
+        self.batches += 1
+        for t in TASKS:
+            n = int(parts.get(f"n_{t}", 0))
+            if n:
+                self.task_sum[t] += float(parts[t]) * n
+                self.task_n[t] += n
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"train_loss": self.total / self.batches if self.batches else None}
+        for t in TASKS:
+            out[f"train_loss_{t}"] = self.task_sum[t] / self.task_n[t] if self.task_n[t] else None
+        return out
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -307,7 +311,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _run_predictions(model: nn.Module, data: Dataset, batch_size: int, device: torch.device,
-                     loss_fn: nn.Module | None = None) -> tuple[Predictions, float | None]:
+                     loss_fn: Callable | None = None) -> tuple[Predictions, float | None]:
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     was_training = model.training
     model.eval()
@@ -359,7 +363,8 @@ def score_predictions(preds: Predictions, *, n_boot: int = 1000, seed: int = 0,
     """Metrics of existing predictions (DESIGN.md §3 keys)."""
     from .metrics import compute_metrics
 
-    return compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=n_boot, seed=seed, thresholds=thresholds)
+    cut = tuple(float((thresholds or {}).get(t, 0.5)) for t in CLASSIFICATION_TASKS)
+    return compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=n_boot, seed=seed, thresholds=cut)
 
 
 def choose_thresholds(preds: Predictions, method: str = "youden") -> dict[str, dict[str, Any]]:
@@ -470,9 +475,10 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
             global_params = [g.detach().to(device, dtype=p.dtype) for g, p in zip(global_params, params)]
 
     train_labels = _label_matrix(train_data)
-    loss_fn = _build_loss(cfg, train_labels).to(device)
+    loss_fn = _build_loss(cfg, train_labels)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(_with_augmentation(train_data, cfg), batch_size=cfg.batch_size, shuffle=True,
+    train_view = _with_augmentation(train_data, cfg)
+    loader = DataLoader(train_view, batch_size=cfg.batch_size, shuffle=True,
                         generator=generator, num_workers=cfg.num_workers, worker_init_fn=_worker_init,
                         drop_last=False, persistent_workers=False, pin_memory=device.type == "cuda")
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -499,8 +505,9 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
     for epoch in range(1, max_epochs + 1):
         t0 = time.perf_counter()
         model_run.train()
-        sums: dict[str, float] = {}
-        n_batches = 0
+        if hasattr(train_view, "set_epoch"):
+            train_view.set_epoch(epoch)  # selects the epoch's augmentation stream, independent of workers
+        meter = _LossMeter()
         bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False, disable=not cfg.progress, unit="batch")
         for batch in bar:
             if steps >= total_steps:
@@ -519,16 +526,12 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
                 privacy.after_step()
             steps += 1
             samples += n
-            n_batches += 1
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in _parts_to_floats(parts).items():
-                sums[k] = sums.get(k, 0.0) + v
+            meter.add(float(loss.detach()), parts)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.close()
         row: dict[str, Any] = {"epoch": epoch, "steps": steps, "samples_seen": samples,
                                "lr": float(base_optimizer.param_groups[0]["lr"])}
-        for k, v in sums.items():
-            row["train_loss" if k == "loss" else f"train_loss_{k}"] = v / max(1, n_batches)
+        row.update(meter.row())
         if proximal_mu > 0 and global_params is not None:
             row["proximal_term"] = proximal_term(params, global_params, proximal_mu)
         last_epoch = epoch == max_epochs or steps >= total_steps

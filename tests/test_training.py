@@ -140,7 +140,7 @@ def test_early_stopping_restores_best_weights(data) -> None:
     preds = predict_dataset(res.model, val, device="cpu")
     from fedsubtype.metrics import compute_metrics
 
-    again = compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=0, seed=0, thresholds=None)
+    again = compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=0, seed=0)
     assert again["mean_auc"] == pytest.approx(best["val_mean_auc"])
 
 
@@ -206,6 +206,7 @@ def test_privacy_hook_protocol(data) -> None:
     assert hook.calls.count("step") == res.steps == 4
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fedprox_with_opacus_keeps_plain_state_dict(data) -> None:
     from opacus import PrivacyEngine
 
