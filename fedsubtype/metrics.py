@@ -86,7 +86,8 @@ def delong_test(y: Sequence[float], p1: Sequence[float], p2: Sequence[float]) ->
     """DeLong et al. (1988) test of two correlated AUCs on the same cases (two-sided).
 
     Returns auc1, auc2, z and p for auc1 - auc2 (all None with < 2 classes; z = 0 and p = 1 when the
-    difference has zero variance, e.g. identical rankings). NaN labels drop the case from both."""
+    difference has zero variance, e.g. identical rankings; z and p None with < 2 cases of a class).
+    NaN labels drop the case from both."""
     y_arr = np.asarray(y, dtype=float).ravel()
     p2_arr = np.asarray(p2, dtype=float).ravel()
     if p2_arr.shape != y_arr.shape:
@@ -98,6 +99,9 @@ def delong_test(y: Sequence[float], p1: Sequence[float], p2: Sequence[float]) ->
         return out
     scores = np.stack([a, b])
     aucs, v10, v01 = _structural_components(scores[:, yy == 1], scores[:, yy == 0])
+    out.update(auc1=float(aucs[0]), auc2=float(aucs[1]))
+    if min(v10.shape[1], v01.shape[1]) < 2:  # a variance needs two cases of each class
+        return out
     cov = np.cov(v10) / v10.shape[1] + np.cov(v01) / v01.shape[1]
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     diff = aucs[0] - aucs[1]
@@ -106,7 +110,7 @@ def delong_test(y: Sequence[float], p1: Sequence[float], p2: Sequence[float]) ->
     else:
         z = diff / np.sqrt(var)
         pval = 2 * stats.norm.sf(abs(z))
-    out.update(auc1=float(aucs[0]), auc2=float(aucs[1]), z=float(z), p=float(pval))
+    out.update(z=float(z), p=float(pval))
     return out
 
 

@@ -106,6 +106,8 @@ def test_delong_edge_cases() -> None:
     same = delong_test(y, p, p * 2)  # identical ranking
     assert same["z"] == 0.0 and same["p"] == 1.0 and same["n"] == 4
     assert delong_test([1, 1], [0.1, 0.2], [0.3, 0.4])["p"] is None
+    one_pos = delong_test([1, 0, 0], [0.9, 0.1, 0.2], [0.1, 0.9, 0.2])
+    assert one_pos["auc1"] == 1.0 and one_pos["auc2"] == 0.0 and one_pos["p"] is None
     with pytest.raises(ValueError, match="differ in length"):
         delong_test([0, 1], [0.1, 0.2], [0.3])
 

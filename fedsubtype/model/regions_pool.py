@@ -42,7 +42,7 @@ class RegionWeighting(nn.Module):
         projected = torch.stack([self.act(self.proj[r](pooled[:, i])) for i, r in enumerate(self.regions)], dim=1)
         present = fractions.flatten(2).sum(-1) > 0
         logits = self.gate(pooled.flatten(1))
-        logits = torch.where(present, logits, torch.full_like(logits, -1e9))
+        logits = torch.where(present, logits, torch.full_like(logits, torch.finfo(logits.dtype).min))
         none = ~present.any(dim=1, keepdim=True)
         logits = torch.where(none, torch.zeros_like(logits), logits)  # no region at all: uniform weights
         w = torch.softmax(logits, dim=1)
