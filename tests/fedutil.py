@@ -58,11 +58,16 @@ class Procs:
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a child with everything it started (as a crash would), including Flower's own sessions."""
+        from fedsubtype.flowerproc import descendants
+
         proc = self.procs[name]
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        below = descendants(proc.pid)
+        for pid in [proc.pid, *below]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -85,9 +90,14 @@ class Procs:
         return "\n".join(out)
 
     def close(self) -> None:
+        """SIGTERM every child's group and descendants, then SIGKILL what is left."""
+        from fedsubtype.flowerproc import descendants
+
+        below: list[int] = []
         for name in list(self.procs):
             proc = self.procs[name]
             if proc.poll() is None:
+                below += descendants(proc.pid)
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
@@ -102,6 +112,12 @@ class Procs:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        for pid in below:
+            if Path(f"/proc/{pid}").exists():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, procs: Procs | None = None) -> None:
@@ -120,7 +136,7 @@ def write_site(folder: Path, name: str, manifest: Path, port: int, creds: Path, 
     cfg = {"name": name, "manifest": str(manifest), "manifest_site": name, "superlink": f"127.0.0.1:{port}",
            "ca_certificate": str(creds / "ca.crt"), "auth_private_key": str(creds / "sites" / f"{key_name or name}.key"),
            "local_port": free_port(), "work_dir": str(folder / f"state-{name}"), "cache": str(cache), "threads": 1,
-           "connect_retries": 3, "connect_timeout_s": 20, "preprocess": {"size": 16}, **extra}
+           "connect_retries": 3, "connect_timeout_s": 300, "preprocess": {"size": 16}, **extra}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -144,13 +144,27 @@ class Coordinator:
               f"({'INSECURE, no authentication' if cfg.insecure else 'TLS + SuperNode authentication'})")
 
     def register_sites(self) -> dict[int, str]:
-        """Register every listed site's public key; node id -> site name."""
+        """Register every listed site's public key (all at once); node id -> site name."""
+        import os
+
+        from ..flowerproc import flower_executable
+
         nodes: dict[int, str] = {}
         if self.cfg.insecure:
             return nodes
-        for site in self.cfg.sites:
-            res = self.flwr("supernode", "register", str(site.public_key), CONNECTION, "--name", site.name,
-                            "--format", "json")
+        env = {**os.environ, **self.env}
+        running = [(site, subprocess.Popen([flower_executable("flwr"), "supernode", "register", str(site.public_key),
+                                            CONNECTION, "--name", site.name, "--format", "json"],
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+                   for site in self.cfg.sites]
+        for site, proc in running:
+            try:
+                out, err = proc.communicate(timeout=180)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise UserError(f"registering site {site.name} timed out", "check the SuperLink log",
+                                where=str(self.logs / "superlink.log")) from None
+            res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
             if res.returncode != 0:
                 raise UserError(f"could not register site {site.name}: {_last_line(res)}",
                                 "check its public key file", where=str(site.public_key))
@@ -158,7 +172,7 @@ class Coordinator:
                 nodes[int(json.loads(res.stdout)["node-id"])] = site.name
             except (ValueError, KeyError, TypeError):
                 pass
-            print(f"registered site {site.name}")
+            print(f"registered site {site.name}", flush=True)
         return nodes
 
     def online_nodes(self) -> list[int]:

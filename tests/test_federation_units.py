@@ -1,0 +1,269 @@
+"""Federation pieces without processes: credentials, site/federation schemas, weights on the wire,
+the run folder (metrics, checkpoints), the metric aggregation and the client's refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fedsubtype.errors import ConfigError, UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ credentials
+def test_dev_credentials_chain_and_site_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedsubtype.credentials import check_public_key_file, create_dev_credentials
+
+    paths = create_dev_credentials(tmp_path / "c", ["a", "b"], ["localhost", "127.0.0.1"])
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the server certificate is not signed by the CA
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for site in ("a", "b"):
+        key = serialization.load_ssh_private_key(paths.site_private_keys[site].read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert paths.site_private_keys[site].stat().st_mode & 0o077 == 0  # private keys are owner-only
+        check_public_key_file(paths.site_public_keys[site], where="test")
+    with pytest.raises(UserError, match="already exist"):
+        create_dev_credentials(tmp_path / "c", ["a"])
+    with pytest.raises(UserError, match="invalid site name"):
+        create_dev_credentials(tmp_path / "d", ["bad name"])
+
+
+def test_credentials_cli_writes_the_files(tmp_path, capsys):
+    from fedsubtype.cli.server_cli import main
+
+    assert main(["credentials", "--out", str(tmp_path / "c"), "--sites", "x,y", "--hosts", "localhost"]) == 0
+    assert {p.name for p in (tmp_path / "c" / "sites").iterdir()} == {"x.key", "x.pub", "y.key", "y.pub"}
+    assert main(["credentials", "--out", str(tmp_path / "c"), "--sites", "x"]) == 1
+    assert "already exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ site.yaml / federation.yaml
+def test_site_templates_and_examples_load():
+    from fedsubtype.federation_config import load_federation_config
+    from fedsubtype.site_config import load_site_config
+
+    for name in ("site.template.yaml", "site1.yaml", "site2.yaml", "site3.yaml"):
+        cfg = load_site_config(REPO / "site_configs" / name)
+        assert cfg.manifest.is_absolute() and cfg.source is not None
+    ports = {load_site_config(REPO / "site_configs" / f"site{i}.yaml").local_port for i in (1, 2, 3)}
+    assert len(ports) == 3  # sites sharing a machine need their own local ports
+    fed = load_federation_config(REPO / "site_configs" / "federation.yaml")
+    assert [s.name for s in fed.sites] == ["site1", "site2", "site3"] and fed.strategy == "fedprox"
+
+
+@pytest.mark.parametrize("text,key", [
+    ("name: a\nmanifest: m.csv\nthreds: 2\n", "threds"),
+    ("name: a\nmanifest: m.csv\nsuperlink: nohostport\n", "superlink"),
+    ("name: a b\nmanifest: m.csv\n", "name"),
+    ("name: a\nmanifest: m.csv\nval_fraction: 1.5\n", "val_fraction"),
+    ("name: a\n", "manifest"),
+])
+def test_site_file_errors_name_the_key(tmp_path, text, key):
+    from fedsubtype.site_config import load_site_config
+
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    assert key in err.value.line() and "\n" not in err.value.line()
+
+
+def test_site_paths_resolve_against_the_site_file(tmp_path):
+    from fedsubtype.site_config import load_site_config
+
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "site.yaml"
+    path.write_text("name: a\nmanifest: data/m.csv\nca_certificate: ../ca.crt\n")
+    cfg = load_site_config(path)
+    assert cfg.manifest == tmp_path / "sub" / "data" / "m.csv"
+    assert cfg.ca_certificate == tmp_path / "ca.crt"
+    assert cfg.state_dir() == tmp_path / "sub" / ".fedsubtype-site-a"
+
+
+def test_federation_file_checks(tmp_path):
+    from fedsubtype.federation_config import load_federation_config
+
+    path = tmp_path / "f.yaml"
+    path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 2}))
+    with pytest.raises(ConfigError, match="min_sites"):
+        load_federation_config(path)
+    path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 1,
+                                    "strategy": "fedsgd"}))
+    with pytest.raises(ConfigError, match="strategy"):
+        load_federation_config(path)
+    path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 1}))
+    cfg = load_federation_config(path)
+    with pytest.raises(UserError, match="public_key"):
+        cfg.check_files(str(path))  # the key file does not exist
+
+
+def test_client_refuses_insecure_without_permission(tmp_path, capsys):
+    from fedsubtype.cli.client_cli import main
+
+    path = tmp_path / "site.yaml"
+    path.write_text("name: a\nmanifest: m.csv\n")
+    assert main(["--site", str(path), "--insecure"]) == 1
+    err = capsys.readouterr().err
+    assert "allow_insecure: true" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_client_reports_missing_credentials_in_one_line(tmp_path, capsys):
+    from fedsubtype.cli.client_cli import main
+
+    (tmp_path / "m.csv").write_text("case_id,image,mask,site,er,pr,her2,ki67\n")
+    path = tmp_path / "site.yaml"
+    path.write_text("name: a\nmanifest: m.csv\nca_certificate: nowhere.crt\nauth_private_key: a.key\n")
+    assert main(["--site", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "ca_certificate" in err and "not found" in err and "Traceback" not in err
+
+
+def test_client_failure_reasons():
+    from fedsubtype.cli.client_cli import classify_failure
+
+    assert "not registered" in classify_failure("[code: 2004] Failed to activate SuperNode.").line()
+    assert "certificate" in classify_failure("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed").line()
+    assert "could not reconnect" in classify_failure("[Errno 111] Connection refused").line()
+
+
+def test_superlink_unreachable_is_one_clear_error():
+    from fedsubtype.flowerproc import wait_for_port
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        with pytest.raises(UserError, match="cannot reach the SuperLink"):
+            wait_for_port("127.0.0.1", port, retries=1, timeout_s=5, say=lambda m: None)
+
+
+# ------------------------------------------------------------------ weights on the wire
+def _tiny_model():
+    from fedsubtype.model import ModelConfig, build_model
+
+    return build_model(ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16))
+
+
+def test_weights_round_trip_and_local_norm():
+    import torch
+
+    from fedsubtype.federated import get_weights, norm_parameter_names, set_weights
+
+    torch.manual_seed(0)
+    a, b = _tiny_model(), _tiny_model()
+    wa = get_weights(a)
+    assert all(isinstance(w, np.ndarray) for w in wa) and len(wa) == len(a.state_dict())
+    set_weights(b, wa)
+    assert all(np.array_equal(x, y) for x, y in zip(wa, get_weights(b)))
+    norms = norm_parameter_names(b)
+    assert norms and all(n in b.state_dict() for n in norms)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    set_weights(b, [w + 1.0 for w in wa], keep=norms)
+    after = b.state_dict()
+    for name in after:
+        same = torch.equal(after[name], before[name])
+        assert same == (name in norms), name
+    with pytest.raises(ValueError, match="arrays"):
+        set_weights(b, wa[:-1])
+
+
+def test_round_settings_refuse_privacy_overrides():
+    from fedsubtype.federated import RoundSettings
+
+    s = RoundSettings.from_config({"server-round": 3, "local-steps": 0, "proximal-mu": 0.1, "lr": 0.01})
+    assert (s.server_round, s.local_steps, s.proximal_mu, s.lr) == (3, None, 0.1, 0.01)
+    with pytest.raises(UserError, match="privacy"):
+        RoundSettings.from_config({"privacy-epsilon": 100.0})
+
+
+def test_check_metrics_is_an_exact_allow_list():
+    from fedsubtype.federated import TRAIN_METRIC_KEYS, check_metrics
+
+    good = {k: 1.0 for k in TRAIN_METRIC_KEYS}
+    assert check_metrics(good, TRAIN_METRIC_KEYS) == good
+    with pytest.raises(ValueError, match="extra"):
+        check_metrics({**good, "case_id": 1.0}, TRAIN_METRIC_KEYS)
+
+
+# ------------------------------------------------------------------ run folder
+def test_runstore_metrics_checkpoints_and_final_model(tmp_path):
+    from fedsubtype.checkpoint import load_model
+    from fedsubtype.federated import get_weights
+    from fedsubtype.model import ModelConfig
+    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.runstore import RoundRecord, RunStore, SiteResult
+
+    store = RunStore(tmp_path / "run")
+    for rnd in (1, 2):
+        store.add(RoundRecord(rnd, "train", 2, [SiteResult("a", 1, {"num-examples": 3.0, "train-loss": 0.5}),
+                                                 SiteResult("b", 2, {"num-examples": 5.0, "train-loss": float("nan")})],
+                              ["node 3: no answer"], {"num-examples": 8.0, "train-loss": 0.5}))
+        store.add(RoundRecord(rnd, "evaluate", 2, [], [], {"mean-auc": 0.6 + rnd / 10}))
+    data = json.loads((tmp_path / "run" / "rounds.json").read_text())
+    assert [r["round"] for r in data] == [1, 1, 2, 2]
+    assert data[0]["answered"][1]["metrics"]["train-loss"] is None  # NaN written as null
+    site_csv = (tmp_path / "run" / "metrics_per_site.csv").read_text().splitlines()
+    assert site_csv[0].startswith("round,phase,site") and len(site_csv) == 1 + 4
+    assert store.last_evaluation()["mean-auc"] == pytest.approx(0.8)
+
+    model_cfg = ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16)
+    weights = get_weights(_tiny_model())
+    moments = {"m_t": {"0": np.ones(3, dtype=np.float32)}}
+    store.save_checkpoint(1, weights, "fedadam", moments)
+    store.save_checkpoint(2, [w * 2 for w in weights], "fedadam", moments)
+    rnd, got, strategy, state = RunStore(tmp_path / "run").latest_checkpoint()
+    assert (rnd, strategy) == (2, "fedadam")
+    assert all(np.array_equal(g, w * 2) for g, w in zip(got, weights))
+    assert np.array_equal(state["m_t"]["0"], np.ones(3))
+
+    store.truncate_after(1)
+    assert [r["round"] for r in RunStore(tmp_path / "run").records] == [1, 1]
+
+    path = store.save_final_model(weights, model_cfg, PreprocessConfig(size=16), {"source": "federated"})
+    model, bundle = load_model(path)
+    assert bundle.metadata["source"] == "federated"
+    assert all(np.array_equal(a, b) for a, b in zip(get_weights(model), weights))
+
+
+def test_nan_aware_aggregation():
+    from flwr.app import MetricRecord, RecordDict
+
+    from server.server_app import nan_aware_mean
+
+    recs = [RecordDict({"metrics": MetricRecord({"num-examples": 1.0, "auc": 0.5, "eps": float("nan")})}),
+            RecordDict({"metrics": MetricRecord({"num-examples": 3.0, "auc": 0.9, "eps": float("nan")})}),
+            RecordDict({"metrics": MetricRecord({"num-examples": 4.0, "auc": float("nan"), "eps": float("nan")})})]
+    agg = nan_aware_mean(recs, "num-examples")
+    assert agg["num-examples"] == 8.0
+    assert agg["auc"] == pytest.approx((0.5 + 3 * 0.9) / 4)
+    assert "eps" not in agg or math.isnan(agg["eps"])
+
+
+def test_strategies_are_built_from_the_config():
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+
+    from fedsubtype.federation_config import FederationConfig
+    from server.server_app import make_strategy, round_config
+
+    for name, cls in (("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)):
+        strategy = make_strategy(FederationConfig(strategy=name, min_sites=2, proximal_mu=0.3))
+        assert type(strategy) is cls
+        assert strategy.min_train_nodes == 2 and strategy.min_available_nodes == 2
+    assert make_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.3)).proximal_mu == 0.3
+    rc = round_config(FederationConfig(local_steps=5), "rid")
+    assert rc["local-steps"] == 5 and rc["run-id"] == "rid" and json.loads(rc["model-config"])["variant"] == "full"
