@@ -16,8 +16,15 @@ TINY_MODEL = {"width": 8, "groups": 4, "feature_dim": 16, "hidden_dim": 16}
 METRIC_KEYS = {"er", "pr", "her2", "ki67", "mean_auc", "subtype"}
 
 
-def _manifest(cohort) -> Path:
-    return Path(cohort) if not isinstance(cohort, (tuple, list)) else Path(cohort[0])
+N_CASES = 18  # a subset of the shared 30-case phantom keeps preprocessing short
+
+
+@pytest.fixture(scope="module")
+def manifest(phantom_cohort, tmp_path_factory) -> Path:
+    """The first N_CASES cases of the session's phantom cohort, as a manifest in its own folder."""
+    path = tmp_path_factory.mktemp("cohort") / "manifest.csv"
+    write_manifest(read_manifest(phantom_cohort)[:N_CASES], path)
+    return path
 
 
 def _config(tmp: Path, **sections) -> Path:
@@ -31,10 +38,10 @@ def _config(tmp: Path, **sections) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_dir(phantom_cohort, tmp_path_factory) -> Path:
+def run_dir(manifest, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("train")
     out = tmp / "run"
-    rc = main(["train", "--config", str(_config(tmp)), "--manifest", str(_manifest(phantom_cohort)),
+    rc = main(["train", "--config", str(_config(tmp)), "--manifest", str(manifest),
                "--out", str(out), "--epochs", "2", "--size", "16", "--seed", "0", "--quiet",
                "--cache", str(tmp / "cache")])
     assert rc == 0
@@ -46,7 +53,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_train_writes_every_output(run_dir: Path, phantom_cohort) -> None:
+def test_train_writes_every_output(run_dir: Path, manifest) -> None:
     for name in ("model.pt", "metrics.json", "predictions.csv", "metrics_per_epoch.csv", "config.yaml", "splits.csv"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -58,7 +65,7 @@ def test_train_writes_every_output(run_dir: Path, phantom_cohort) -> None:
     assert "phantom" in metrics["note"]
 
     splits = _csv(run_dir / "splits.csv")
-    cases = read_manifest(_manifest(phantom_cohort))
+    cases = read_manifest(manifest)
     assert sorted(r["case_id"] for r in splits) == sorted(c.case_id for c in cases)
     test_ids = sorted(r["case_id"] for r in splits if r["split"] == "test")
     preds = _csv(run_dir / "predictions.csv")
@@ -86,43 +93,43 @@ def test_model_file_carries_what_evaluate_needs(run_dir: Path) -> None:
     assert "case_id" not in json.dumps(meta)
 
 
-def test_refuses_to_overwrite(run_dir: Path, phantom_cohort, capsys) -> None:
-    rc = main(["train", "--manifest", str(_manifest(phantom_cohort)), "--out", str(run_dir), "--quiet"])
+def test_refuses_to_overwrite(run_dir: Path, manifest, capsys) -> None:
+    rc = main(["train", "--manifest", str(manifest), "--out", str(run_dir), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "--overwrite" in err and len(err.splitlines()) == 1
 
 
-def test_evaluate_reproduces_the_test_predictions(run_dir: Path, phantom_cohort, tmp_path: Path) -> None:
+def test_evaluate_reproduces_the_test_predictions(run_dir: Path, manifest, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--model", str(run_dir / "model.pt"), "--manifest", str(_manifest(phantom_cohort)),
+    rc = main(["evaluate", "--model", str(run_dir / "model.pt"), "--manifest", str(manifest),
                "--out", str(out), "--n-boot", "20", "--quiet", "--cache", str(run_dir.parent / "cache")])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics) and metrics["evaluated_on"] == "all"
     everything = {r["case_id"]: r for r in _csv(out / "predictions.csv")}
-    assert len(everything) == len(read_manifest(_manifest(phantom_cohort)))
+    assert len(everything) == len(read_manifest(manifest))
     for row in _csv(run_dir / "predictions.csv"):
         again = everything[row["case_id"]]
         assert again["er_prob"] == row["er_prob"] and again["ki67_pred"] == row["ki67_pred"]
         assert again["er_call"] == row["er_call"]
 
 
-def test_split_column_is_honoured(phantom_cohort, tmp_path: Path) -> None:
-    cases = read_manifest(_manifest(phantom_cohort))
+def test_split_column_is_honoured(run_dir: Path, manifest, tmp_path: Path) -> None:
+    cases = read_manifest(manifest)
     names = ["train"] * (len(cases) - 4) + ["val", "val", "test", "test"]
     from dataclasses import replace
 
-    manifest = _manifest(phantom_cohort).parent / "with_split.csv"
-    write_manifest([replace(c, split=s) for c, s in zip(cases, names)], manifest)
+    split_manifest = manifest.parent / "with_split.csv"
+    write_manifest([replace(c, split=s) for c, s in zip(cases, names)], split_manifest)
     out = tmp_path / "run"
-    rc = main(["train", "--config", str(_config(tmp_path)), "--manifest", str(manifest), "--out", str(out),
-               "--max-steps", "1", "--size", "16", "--quiet", "--n-boot", "0", "--cache", str(tmp_path / "cache")])
+    rc = main(["train", "--config", str(_config(tmp_path)), "--manifest", str(split_manifest), "--out", str(out),
+               "--max-steps", "1", "--size", "16", "--quiet", "--n-boot", "0", "--cache", str(run_dir.parent / "cache")])
     assert rc == 0
     got = {r["case_id"]: r["split"] for r in _csv(out / "splits.csv")}
     assert got == {c.case_id: s for c, s in zip(cases, names)}
     ev = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(out / "model.pt"), "--manifest", str(manifest), "--out", str(ev),
-                 "--split", "test", "--n-boot", "0", "--quiet", "--cache", str(tmp_path / "cache")]) == 0
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--manifest", str(split_manifest), "--out", str(ev),
+                 "--split", "test", "--n-boot", "0", "--quiet", "--cache", str(run_dir.parent / "cache")]) == 0
     assert len(_csv(ev / "predictions.csv")) == 2
 
 
@@ -136,9 +143,9 @@ def test_split_column_is_honoured(phantom_cohort, tmp_path: Path) -> None:
     (["evaluate", "--model", "{tmp}/bad.yaml", "--manifest", "{manifest}", "--out", "{tmp}/o"], "not a fedsubtype model"),
     (["evaluate", "--model", "{tmp}/none.pt", "--manifest", "{manifest}", "--out", "{tmp}/o"], "model file not found"),
 ])
-def test_bad_inputs_are_one_line_errors(argv, needle, phantom_cohort, tmp_path: Path, capsys) -> None:
+def test_bad_inputs_are_one_line_errors(argv, needle, manifest, tmp_path: Path, capsys) -> None:
     (tmp_path / "bad.yaml").write_text("training:\n  epoch: 3\n")
-    argv = [a.format(tmp=tmp_path, manifest=_manifest(phantom_cohort)) for a in argv]
+    argv = [a.format(tmp=tmp_path, manifest=manifest) for a in argv]
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 1, err
@@ -146,15 +153,16 @@ def test_bad_inputs_are_one_line_errors(argv, needle, phantom_cohort, tmp_path: 
     assert not (tmp_path / "o" / "model.pt").exists()
 
 
-def test_strict_stops_on_a_broken_case_and_default_skips_it(phantom_cohort, tmp_path: Path, capsys) -> None:
+def test_strict_stops_on_a_broken_case_and_default_skips_it(run_dir: Path, manifest, tmp_path: Path,
+                                                            capsys) -> None:
     from dataclasses import replace
 
-    cases = read_manifest(_manifest(phantom_cohort))
+    cases = read_manifest(manifest)
     broken = replace(cases[0], case_id="broken", image=tmp_path / "does_not_exist.nii.gz")
-    manifest = _manifest(phantom_cohort).parent / "with_broken.csv"
-    write_manifest([broken, *cases], manifest)
-    common = ["--config", str(_config(tmp_path)), "--manifest", str(manifest), "--size", "16", "--quiet",
-              "--n-boot", "0", "--max-steps", "1", "--cache", str(tmp_path / "cache")]
+    broken_manifest = manifest.parent / "with_broken.csv"
+    write_manifest([broken, *cases], broken_manifest)
+    common = ["--config", str(_config(tmp_path)), "--manifest", str(broken_manifest), "--size", "16", "--quiet",
+              "--n-boot", "0", "--max-steps", "1", "--cache", str(run_dir.parent / "cache")]
     assert main(["train", *common, "--out", str(tmp_path / "strict"), "--strict"]) == 1
     assert "--strict" in capsys.readouterr().err
     assert main(["train", *common, "--out", str(tmp_path / "lenient")]) == 0
