@@ -53,18 +53,18 @@ class ModelBundle:
         return out
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Metadata as JSON-safe plain data (numpy scalars, paths, tuples, dataclasses, non-finite floats)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(to_dict(value))
+        return json_safe(to_dict(value))
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, np.generic):
-        return _plain(value.item())
+        return json_safe(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -83,9 +83,9 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, model_config: Any, 
         "format_version": FORMAT_VERSION,
         "fedsubtype_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_config": _plain(model_config),
-        "preprocess_config": _plain(preprocess_config),
-        "metadata": json.loads(json.dumps(_plain(metadata))),
+        "model_config": json_safe(model_config),
+        "preprocess_config": json_safe(preprocess_config),
+        "metadata": json.loads(json.dumps(json_safe(metadata))),
         "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
     }
     buf = io.BytesIO()

@@ -367,6 +367,11 @@ def score_predictions(preds: Predictions, *, n_boot: int = 1000, seed: int = 0,
     return compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=n_boot, seed=seed, thresholds=cut)
 
 
+def fixed_thresholds(method: str = "fixed") -> dict[str, dict[str, Any]]:
+    """0.5 for every classification task, recorded with `method` (the reason)."""
+    return {t: {"value": 0.5, "method": method} for t in CLASSIFICATION_TASKS}
+
+
 def choose_thresholds(preds: Predictions, method: str = "youden") -> dict[str, dict[str, Any]]:
     """Per-task decision thresholds: Youden's J on these (validation) predictions, or fixed 0.5.
 
@@ -374,13 +379,12 @@ def choose_thresholds(preds: Predictions, method: str = "youden") -> dict[str, d
     """
     from sklearn.metrics import roc_curve
 
+    if method != "youden":
+        return fixed_thresholds()
     out: dict[str, dict[str, Any]] = {}
     for j, task in enumerate(CLASSIFICATION_TASKS):
         y = preds.labels[:, j]
         keep = ~np.isnan(y)
-        if method != "youden":
-            out[task] = {"value": 0.5, "method": "fixed"}
-            continue
         if keep.sum() == 0 or len(np.unique(y[keep])) < 2:
             out[task] = {"value": 0.5, "method": "fixed (validation labels of one class or missing)"}
             continue

@@ -102,10 +102,10 @@ def usable_cases(manifest: Path, *, strict: bool, progress: bool, warn: Callable
 
 def write_json(path: Path, data: Any) -> None:
     """JSON (NaN written as null), atomically."""
-    from ..checkpoint import _plain
+    from ..checkpoint import json_safe
     from ..configio import atomic_write_text
 
-    atomic_write_text(path, json.dumps(_plain(data), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
 def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
@@ -118,7 +118,7 @@ def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] =
     from ..dataset import CaseDataset
     from ..model import build_model, count_parameters
     from ..splits import cohort_summary, stratified_split, write_split_csv
-    from ..training import choose_thresholds, fit, predict_dataset, score_predictions, seed_everything
+    from ..training import choose_thresholds, fit, fixed_thresholds, predict_dataset, score_predictions, seed_everything
 
     if cfg.data.manifest is None:
         raise UserError("no manifest given", "pass --manifest M or set data.manifest in the config", where="train")
@@ -164,7 +164,7 @@ def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] =
         thresholds = {t: v["value"] for t, v in thresholds_meta.items()}
         val_metrics = score_predictions(val_preds, n_boot=ev.n_boot, seed=tc.seed, thresholds=thresholds)
     else:
-        thresholds_meta = choose_thresholds(predict_dataset(result.model, datasets[eval_name], device=device), "fixed")
+        thresholds_meta = fixed_thresholds("fixed (no validation split)")
         thresholds = {t: v["value"] for t, v in thresholds_meta.items()}
         val_metrics = None
     test_preds = predict_dataset(result.model, datasets[eval_name], batch_size=ev.batch_size, device=device)
