@@ -39,14 +39,14 @@ def evaluate_run(model_path: Path, manifest: Path, out: Path, *, split: str | No
     from ..errors import UserError
     from ..train_config import DEFAULT_CACHE_DIRNAME
     from ..training import predict_dataset, resolve_device, score_predictions
-    from .train_cmd import PHANTOM_NOTE, prepare_out_dir, usable_cases, write_json
+    from .train_cmd import PHANTOM_NOTE, check_out_dir, usable_cases, write_json
 
     if n_boot < 0:
         raise UserError(f"--n-boot must be >= 0, got {n_boot}", "use e.g. 1000", where="evaluate")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}", "use e.g. 16", where="evaluate")
     model, bundle = load_model(model_path, device=str(resolve_device(device)))
-    prepare_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     cases = usable_cases(manifest, strict=strict, progress=progress, warn=log)
     if split is not None:
         cases = [c for c in cases if c.split == split]

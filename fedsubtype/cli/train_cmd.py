@@ -72,14 +72,13 @@ def revalidate(cfg: Any) -> Any:
     return from_dict(RunConfig, to_dict(cfg), where="config (after command-line flags)")
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Create the run folder; refuse an existing non-empty one unless `overwrite`."""
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a run folder that is a file, or exists and is not empty (unless `overwrite`); created on first write."""
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", "choose another --out", where=str(out))
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError("run folder already exists and is not empty", "choose another --out or pass --overwrite",
                         where=str(out))
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def usable_cases(manifest: Path, *, strict: bool, progress: bool, warn: Callable[[str], None]) -> list:
@@ -118,7 +117,8 @@ def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] =
     from ..dataset import CaseDataset
     from ..model import build_model, count_parameters
     from ..splits import cohort_summary, stratified_split, write_split_csv
-    from ..training import choose_thresholds, fit, fixed_thresholds, predict_dataset, score_predictions, seed_everything
+    from ..training import (choose_thresholds, fit, fixed_thresholds, predict_dataset, resolve_device,
+                            score_predictions, seed_everything)
 
     if cfg.data.manifest is None:
         raise UserError("no manifest given", "pass --manifest M or set data.manifest in the config", where="train")
@@ -127,7 +127,8 @@ def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] =
     out = Path(cfg.out)
     manifest = Path(cfg.data.manifest)
     tc = cfg.training
-    prepare_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
+    resolve_device(tc.device)  # a missing GPU is reported before any work
     cases = usable_cases(manifest, strict=cfg.data.strict, progress=tc.progress, warn=log)
 
     split_seed = tc.seed if cfg.data.split_seed is None else cfg.data.split_seed
