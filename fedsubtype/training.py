@@ -533,12 +533,13 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
             meter.add(float(loss.detach()), parts)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.close()
+        capped = privacy is not None and meter.batches == 0  # the hook's loader ended the round (budget/step cap)
         row: dict[str, Any] = {"epoch": epoch, "steps": steps, "samples_seen": samples,
                                "lr": float(base_optimizer.param_groups[0]["lr"])}
         row.update(meter.row())
         if proximal_mu > 0 and global_params is not None:
             row["proximal_term"] = proximal_term(params, global_params, proximal_mu)
-        last_epoch = epoch == max_epochs or steps >= total_steps
+        last_epoch = epoch == max_epochs or steps >= total_steps or capped
         evaluated = val_data is not None and len(val_data) > 0 and (epoch % cfg.eval_every == 0 or last_epoch)  # type: ignore[arg-type]
         if evaluated:
             preds, vloss = _run_predictions(plain, val_data, max(cfg.batch_size, 16), device, loss_fn)

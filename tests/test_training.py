@@ -206,6 +206,38 @@ def test_privacy_hook_protocol(data) -> None:
     assert hook.calls.count("step") == res.steps == 4
 
 
+class CappedHook(CountingHook):
+    """Like a DP engine whose step cap (budget) ends the round early: the loader stops yielding."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap, self.given = cap, 0
+
+    def make_private(self, model, optimizer, loader):
+        hook = self
+
+        class Capped:
+            dataset = loader.dataset
+
+            def __len__(self) -> int:
+                return len(loader)
+
+            def __iter__(self):
+                for batch in loader:
+                    if hook.given >= hook.cap:
+                        return
+                    hook.given += 1
+                    yield batch
+
+        return model, optimizer, Capped()
+
+
+def test_a_capped_private_loader_ends_training(data) -> None:
+    train, _ = data
+    res = fit(_model(), train, None, _cfg(epochs=10), privacy=CappedHook(cap=6))
+    assert res.steps == 6 and len(res.history) == 3  # 4 + 2 steps, then an empty epoch ends it
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fedprox_with_opacus_keeps_plain_state_dict(data) -> None:
     from opacus import PrivacyEngine
