@@ -71,11 +71,19 @@ def body_mask(image: sitk.Image, *, air_fraction: float = 0.1, closing_mm: float
     components = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
     body = sitk.Cast(components == 1, sitk.sitkUInt8)
     if closing_mm > 0:
-        radius = [max(1, int(round(closing_mm / s))) for s in img.GetSpacing()]
-        body = sitk.BinaryMorphologicalClosing(body, radius, sitk.sitkBall)
+        body = _closing_mm(body, closing_mm)
     filled = sitk.BinaryFillhole(body, fullyConnected=False)
     filled.CopyInformation(image)
     return filled
+
+
+def _closing_mm(binary: sitk.Image, radius_mm: float) -> sitk.Image:
+    """Morphological closing with a ball of `radius_mm` in physical units, from two distance maps
+    (exact for any spacing, and much faster than a voxel structuring element)."""
+    dilated = sitk.Cast(_distance_to(binary) <= radius_mm, sitk.sitkUInt8)
+    closed = sitk.Cast(_distance_to(dilated == 0) > radius_mm, sitk.sitkUInt8)
+    closed.CopyInformation(binary)
+    return closed
 
 
 def _check_mask(image: sitk.Image, mask: sitk.Image, what: str = "mask") -> sitk.Image:
