@@ -156,19 +156,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("cohort_dir", type=Path, help="folder written by `fedsubtype phantom`")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--repeats", type=int, default=1, help="repeat with seeds seed..seed+N-1 and report mean ± SD")
     args = parser.parse_args(argv)
     if not 0.05 <= args.test_fraction <= 0.5:
         parser.error("--test-fraction must be in [0.05, 0.5]")
+    if not 1 <= args.repeats <= 100:
+        parser.error("--repeats must be in [1, 100]")
     from ..cli import run_guarded
 
     def body() -> int:
         table = load_cohort_tables(args.cohort_dir)
-        train, test = split_ids(table, args.test_fraction, args.seed)
-        m = oracle_metrics(args.cohort_dir, train, test, seed=args.seed)
-        print(f"oracle on latents ({len(train)} train / {len(test)} test cases, seed {args.seed}; "
+        runs = []
+        for seed in range(args.seed, args.seed + args.repeats):
+            train, test = split_ids(table, args.test_fraction, seed)
+            runs.append(oracle_metrics(args.cohort_dir, train, test, seed=seed))
+        print(f"oracle on latents ({len(train)} train / {len(test)} test cases, stratified, seed {args.seed}"
+              f"{f' .. {args.seed + args.repeats - 1}' if args.repeats > 1 else ''}; "
               "phantom: engineering evidence, not a clinical claim)")
-        print(f"  ER AUC {m['er_auc']:.3f}   PR AUC {m['pr_auc']:.3f}   HER2 AUC {m['her2_auc']:.3f}   "
-              f"mean {m['avg_auc']:.3f}   Ki-67 MAE {m['ki67_mae']:.2f} points")
+
+        def fmt(key: str, digits: int) -> str:
+            vals = np.array([r[key] for r in runs], dtype=float)
+            sd = f" ± {np.nanstd(vals):.{digits}f}" if len(vals) > 1 else ""
+            return f"{np.nanmean(vals):.{digits}f}{sd}"
+
+        print(f"  ER AUC {fmt('er_auc', 3)}   PR AUC {fmt('pr_auc', 3)}   HER2 AUC {fmt('her2_auc', 3)}   "
+              f"mean {fmt('avg_auc', 3)}   Ki-67 MAE {fmt('ki67_mae', 2)} points")
         return 0
 
     return run_guarded("oracle", body)

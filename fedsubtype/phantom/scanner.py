@@ -53,16 +53,16 @@ BASE_SITES: tuple[SiteProfile, ...] = (
     SiteProfile("site1", 0.34, _SCREENING, ScannerProfile(
         "SIEMENS", "MAGNETOM Skyra", 3.0, (0.8, 0.8, 2.0), (128, 128, 48), 900.0, 0.0, 0.035, 0.30, True)),
     SiteProfile("site2", 0.27, _TRIAL, ScannerProfile(
-        "GE MEDICAL SYSTEMS", "SIGNA HDxt", 1.5, (0.9, 0.9, 1.5), (120, 120, 60), 1100.0, 0.0, 0.050, 0.15, False,
+        "GE MEDICAL SYSTEMS", "SIGNA HDxt", 1.5, (0.9, 0.9, 1.5), (120, 120, 60), 700.0, 0.0, 0.050, 0.15, False,
         axes=(0, 1, 2), flips=(True, True, False)), kind="trial"),
     SiteProfile("site3", 0.22, SiteBiology(missing_ki67=0.25), ScannerProfile(
-        "Philips Medical Systems", "Achieva", 1.5, (0.85, 0.85, 2.2), (120, 120, 44), 1200.0, 40.0, 0.045, 0.20, True,
+        "Philips Medical Systems", "Achieva", 1.5, (0.85, 0.85, 2.2), (120, 120, 44), 700.0, 40.0, 0.045, 0.20, True,
         axes=(2, 0, 1))),
     SiteProfile("site4", 0.17, SiteBiology(group_prevalence=(0.70, 0.12, 0.05, 0.13)), ScannerProfile(
-        "SIEMENS", "MAGNETOM Vida", 3.0, (0.75, 0.75, 2.0), (128, 128, 48), 1500.0, 0.0, 0.030, 0.35, True,
+        "SIEMENS", "MAGNETOM Vida", 3.0, (0.75, 0.75, 2.0), (128, 128, 48), 1000.0, 0.0, 0.030, 0.35, True,
         flips=(False, False, True))),
     SiteProfile("site5", 0.0, SiteBiology(group_prevalence=(0.66, 0.12, 0.06, 0.16), missing_ki67=0.05), ScannerProfile(
-        "GE MEDICAL SYSTEMS", "DISCOVERY MR750", 3.0, (1.0, 1.0, 2.0), (112, 112, 48), 1400.0, 100.0, 0.040, 0.25, False,
+        "GE MEDICAL SYSTEMS", "DISCOVERY MR750", 3.0, (1.0, 1.0, 2.0), (112, 112, 48), 900.0, 100.0, 0.040, 0.25, False,
         axes=(1, 0, 2), flips=(False, True, False))),
 )
 

@@ -92,7 +92,7 @@ def render_tumour(rng: np.random.Generator, grid: Grid, breast: Breast, latents:
 
     # Spicules: thin tapering strands radiating from the margin (evaluated on the shell they can reach).
     spic = np.zeros(shape, dtype=np.float32)
-    n_spic = int(round(40 * latents["spiculation"] ** 1.5))
+    n_spic = int(round(60 * latents["spiculation"] ** 1.5))
     length = _spicule_length(latents) / r_mean
     shell = np.flatnonzero((rho >= bound - 0.1 * length) & (rho < bound + 1.2 * length))
     if n_spic and shell.size:
