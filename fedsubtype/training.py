@@ -442,6 +442,111 @@ def write_history_csv(history: list[dict[str, Any]], path: str | Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+class _Selector:
+    """Model selection and early stopping: keeps the best weights seen at validation, counts stale validations."""
+
+    def __init__(self, model: nn.Module, has_val: bool) -> None:
+        self.model, self.has_val = model, has_val
+        self.best_row: dict[str, Any] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch = 0
+        self.stale = 0
+
+    def observe(self, row: dict[str, Any], evaluated: bool) -> bool:
+        """Record an epoch's row; True when it is the new best."""
+        if not self.has_val:  # no validation: the latest weights are the result
+            self.best_epoch = row["epoch"]
+            return False
+        if not evaluated:
+            return False
+        if _is_better(row, self.best_row):
+            self.best_row, self.best_epoch, self.best_state, self.stale = dict(row), row["epoch"], _snapshot(self.model), 0
+            return True
+        self.stale += 1
+        return False
+
+
+@dataclass
+class _Run:
+    """The pieces one training run moves through its epochs."""
+
+    model: nn.Module  # what is called: the plain module, or the privacy hook's wrapper around it
+    loader: Any
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.Tensor]
+    global_params: list[torch.Tensor] | None
+    mu: float
+    privacy: PrivacyHook | None
+    device: torch.device
+    total_steps: int
+    steps: int = 0
+    samples: int = 0
+
+
+def _train_epoch(run: _Run, desc: str, progress: bool) -> _LossMeter:
+    """One pass over the loader (or until the step budget is reached); returns the epoch's loss means."""
+    from tqdm.auto import tqdm
+
+    run.model.train()
+    meter = _LossMeter()
+    bar = tqdm(run.loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    for batch in bar:
+        if run.steps >= run.total_steps:
+            break
+        n = _batch_len(batch)
+        if n == 0:  # Poisson sampling can draw an empty batch
+            continue
+        image, regions, labels, present = _to_device(batch, run.device)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, parts = run.loss_fn(run.model(image, regions), labels, present)
+        loss.backward()
+        _optimizer_step(run.optimizer, run.params, run.global_params, run.mu)
+        run.scheduler.step()
+        if run.privacy is not None:
+            run.privacy.after_step()
+        run.steps += 1
+        run.samples += n
+        meter.add(float(loss.detach()), parts)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    bar.close()
+    return meter
+
+
+def _global_params(params: list[torch.Tensor], given: list[torch.Tensor] | None,
+                   device: torch.device) -> list[torch.Tensor]:
+    if given is None:
+        return [p.detach().clone() for p in params]
+    if len(given) != len(params):
+        raise ValueError(f"global_params has {len(given)} tensors, the model {len(params)} trainable parameters")
+    return [g.detach().to(device, dtype=p.dtype) for g, p in zip(given, params)]
+
+
+def _build_run(model: nn.Module, train_data: Dataset, cfg: TrainConfig, proximal_mu: float,
+               global_params: list[torch.Tensor] | None, privacy: PrivacyHook | None,
+               device: torch.device) -> tuple[_Run, Dataset]:
+    """Loss, seeded loader, AdamW, the privacy hook's wrapping, and the warm-up + cosine schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = _global_params(params, global_params, device) if proximal_mu > 0 else None
+    loss_fn = _build_loss(cfg, _label_matrix(train_data))
+    train_view = _with_augmentation(train_data, cfg)
+    loader: Any = DataLoader(train_view, batch_size=cfg.batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.num_workers,
+                             worker_init_fn=_worker_init, pin_memory=device.type == "cuda")
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    called: nn.Module = model
+    if privacy is not None:
+        called, optimizer, loader = privacy.make_private(model, optimizer, loader)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_fraction * total_steps))
+    base_optimizer = getattr(optimizer, "original_optimizer", optimizer)  # Opacus wraps the optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, _lr_lambda(total_steps, warmup, cfg.schedule))
+    run = _Run(called, loader, loss_fn, optimizer, scheduler, params, anchor, proximal_mu, privacy, device, total_steps)
+    return run, train_view
+
+
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfig, *,
         proximal_mu: float = 0.0, global_params: list[torch.Tensor] | None = None,
         privacy: PrivacyHook | None = None, out_dir: Path | None = None,
@@ -466,114 +571,52 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-
     plain = model.to(device)
-    plain.train()
-    params = [p for p in plain.parameters() if p.requires_grad]
-    if proximal_mu > 0:
-        if global_params is None:
-            global_params = [p.detach().clone() for p in params]
-        else:
-            if len(global_params) != len(params):
-                raise ValueError(f"global_params has {len(global_params)} tensors, the model {len(params)} trainable parameters")
-            global_params = [g.detach().to(device, dtype=p.dtype) for g, p in zip(global_params, params)]
-
-    train_labels = _label_matrix(train_data)
-    loss_fn = _build_loss(cfg, train_labels)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_view = _with_augmentation(train_data, cfg)
-    loader = DataLoader(train_view, batch_size=cfg.batch_size, shuffle=True,
-                        generator=generator, num_workers=cfg.num_workers, worker_init_fn=_worker_init,
-                        drop_last=False, persistent_workers=False, pin_memory=device.type == "cuda")
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model_run: nn.Module = plain
-    if privacy is not None:
-        model_run, optimizer, loader = privacy.make_private(plain, optimizer, loader)
-    steps_per_epoch = max(1, len(loader))
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    max_epochs = math.ceil(total_steps / steps_per_epoch) if cfg.max_steps is not None else cfg.epochs
-    warmup = int(round(cfg.warmup_fraction * total_steps))
-    base_optimizer = getattr(optimizer, "original_optimizer", optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, _lr_lambda(total_steps, warmup, cfg.schedule))
-
+    run, train_view = _build_run(plain, train_data, cfg, proximal_mu, global_params, privacy, device)
+    steps_per_epoch = max(1, len(run.loader))
+    max_epochs = math.ceil(run.total_steps / steps_per_epoch) if cfg.max_steps is not None else cfg.epochs
+    has_val = val_data is not None and len(val_data) > 0  # type: ignore[arg-type]
+    selector = _Selector(plain, has_val)
     history: list[dict[str, Any]] = []
-    best_row: dict[str, Any] | None = None
-    best_state = _snapshot(plain)
-    best_epoch = 0
-    stale = 0
-    steps = samples = 0
-    csv_path = Path(out_dir) / "metrics_per_epoch.csv" if out_dir is not None else None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
 
     for epoch in range(1, max_epochs + 1):
         t0 = time.perf_counter()
-        model_run.train()
         if hasattr(train_view, "set_epoch"):
             train_view.set_epoch(epoch)  # selects the epoch's augmentation stream, independent of workers
-        meter = _LossMeter()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{max_epochs}", leave=False, disable=not cfg.progress, unit="batch")
-        for batch in bar:
-            if steps >= total_steps:
-                break
-            n = _batch_len(batch)
-            if n == 0:  # Poisson sampling can draw an empty batch
-                continue
-            image, regions, labels, present = _to_device(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            out = model_run(image, regions)
-            loss, parts = loss_fn(out, labels, present)
-            loss.backward()
-            _optimizer_step(optimizer, params, global_params, proximal_mu)
-            scheduler.step()
-            if privacy is not None:
-                privacy.after_step()
-            steps += 1
-            samples += n
-            meter.add(float(loss.detach()), parts)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        bar.close()
+        meter = _train_epoch(run, f"epoch {epoch}/{max_epochs}", cfg.progress)
         capped = privacy is not None and meter.batches == 0  # the hook's loader ended the round (budget/step cap)
-        row: dict[str, Any] = {"epoch": epoch, "steps": steps, "samples_seen": samples,
-                               "lr": float(base_optimizer.param_groups[0]["lr"])}
-        row.update(meter.row())
-        if proximal_mu > 0 and global_params is not None:
-            row["proximal_term"] = proximal_term(params, global_params, proximal_mu)
-        last_epoch = epoch == max_epochs or steps >= total_steps or capped
-        evaluated = val_data is not None and len(val_data) > 0 and (epoch % cfg.eval_every == 0 or last_epoch)  # type: ignore[arg-type]
+        last_epoch = epoch == max_epochs or run.steps >= run.total_steps or capped
+        row: dict[str, Any] = {"epoch": epoch, "steps": run.steps, "samples_seen": run.samples,
+                               "lr": float(run.scheduler.get_last_lr()[0]), **meter.row()}
+        if run.global_params is not None:
+            row["proximal_term"] = proximal_term(run.params, run.global_params, proximal_mu)
+        evaluated = has_val and (epoch % cfg.eval_every == 0 or last_epoch)
         if evaluated:
-            preds, vloss = _run_predictions(plain, val_data, max(cfg.batch_size, 16), device, loss_fn)
+            preds, vloss = _run_predictions(plain, val_data, max(cfg.batch_size, 16), device, run.loss_fn)  # type: ignore[arg-type]
             row.update(_val_summary(score_predictions(preds, n_boot=0, seed=cfg.seed), vloss))
         row["seconds"] = time.perf_counter() - t0
-        improved = False
-        if evaluated:
-            improved = _is_better(row, best_row)
-            if improved:
-                best_row, best_epoch, best_state, stale = dict(row), epoch, _snapshot(plain), 0
-            else:
-                stale += 1
-        elif val_data is None or len(val_data) == 0:  # type: ignore[arg-type]
-            best_epoch, best_state = epoch, None  # keep the latest weights
-        row["best"] = improved
+        row["best"] = selector.observe(row, evaluated)
         history.append(row)
         say(_epoch_line(row))
-        if csv_path is not None:
-            write_history_csv(history, csv_path)
-            if improved:
-                _save_state(best_state, Path(out_dir) / "best_weights.pt", epoch)  # type: ignore[arg-type]
+        if out_dir is not None:
+            write_history_csv(history, Path(out_dir) / "metrics_per_epoch.csv")
+            if row["best"]:
+                _save_state(selector.best_state, Path(out_dir) / "best_weights.pt", epoch)
         if last_epoch:
             break
-        if cfg.patience is not None and evaluated and stale >= cfg.patience:
-            say(f"early stopping after epoch {epoch}: no validation improvement for {stale} evaluations "
-                f"(best epoch {best_epoch})")
+        if cfg.patience is not None and evaluated and selector.stale >= cfg.patience:
+            say(f"early stopping after epoch {epoch}: no validation improvement for {selector.stale} evaluations "
+                f"(best epoch {selector.best_epoch})")
             break
 
-    final = privacy.finish(model_run) if privacy is not None else plain
-    if best_state is not None:
-        final.load_state_dict(best_state)
+    final = privacy.finish(run.model) if privacy is not None else plain
+    if selector.best_state is not None:
+        final.load_state_dict(selector.best_state)
     final.eval()
-    return TrainResult(model=final, history=history, best_epoch=best_epoch, best_val=best_row,
-                       n_train=len(train_data), steps=steps, samples_seen=samples)  # type: ignore[arg-type]
+    return TrainResult(model=final, history=history, best_epoch=selector.best_epoch, best_val=selector.best_row,
+                       n_train=len(train_data), steps=run.steps, samples_seen=run.samples)  # type: ignore[arg-type]
 
 
 def _save_state(state: dict[str, torch.Tensor] | None, path: Path, epoch: int) -> None:
