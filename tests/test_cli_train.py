@@ -187,3 +187,15 @@ def test_documented_config_lists_every_key_with_its_default() -> None:
         assert set(yaml.safe_load(path.read_text())[section]) == set(defaults[section]), section
     defaults.pop("data")
     assert documented == defaults
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    from fedsubtype.train_config import load_run_config
+
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "run.yaml"
+    path.write_text("data:\n  manifest: ../data/m.csv\n  cache: cache\nout: ../runs/a\n")
+    cfg = load_run_config(path)
+    assert cfg.data.manifest == tmp_path / "cfg" / "../data/m.csv"
+    assert cfg.data.cache == tmp_path / "cfg" / "cache" and cfg.out == tmp_path / "cfg" / "../runs/a"
+    assert cfg.data.cache_dir() == cfg.data.cache
