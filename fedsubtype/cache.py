@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .configio import atomic_write_bytes
-from .errors import ImageReadError
+from .errors import ImageReadError, UserError
 from .manifest import Case
 from .preprocess import PREPROCESS_VERSION, PreprocessConfig, PreprocessedCase, preprocess_case
 
@@ -152,28 +152,40 @@ class PreprocessCache:
         atomic_write_bytes(path, _encode(pc))
         return pc, status
 
-    def warm(self, cases: Iterable[Case], *, workers: int = 1, progress: bool = True) -> dict[str, Any]:
-        """Make sure every case is cached; returns counts of hit/miss/rebuilt, seconds and cases/s."""
+    def warm(self, cases: Iterable[Case], *, workers: int = 1, progress: bool = True,
+             skip_bad: bool = False) -> dict[str, Any]:
+        """Make sure every case is cached; returns counts of hit/miss/rebuilt, seconds and cases/s.
+
+        A case that cannot be preprocessed raises its one-line UserError, or with `skip_bad` is counted
+        under "failed" and its line kept in "problems".
+        """
         from tqdm.auto import tqdm
 
         cases = list(cases)
         self._sweep_stale_tmp()
-        counts = {"hit": 0, "miss": 0, "rebuilt": 0}
+        counts = {"hit": 0, "miss": 0, "rebuilt": 0, "failed": 0}
+        problems: list[str] = []
         start = time.perf_counter()
         bar = tqdm(total=len(cases), desc="preprocess", unit="case", disable=not progress, file=sys.stderr)
+        jobs = [(str(self.root), self.cfg, c, skip_bad) for c in cases]
         if workers <= 1 or len(cases) <= 1:
-            for case in cases:
-                counts[self.fetch(case)[1]] += 1
-                bar.update()
+            results = map(_warm_one, jobs)
+            pool = None
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(),
-                                     initializer=_worker_init) as pool:
-                for status in pool.map(_warm_one, [(str(self.root), self.cfg, c) for c in cases]):
-                    counts[status] += 1
-                    bar.update()
-        bar.close()
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_worker_init)
+            results = pool.map(_warm_one, jobs)
+        try:
+            for status, problem in results:
+                counts[status] += 1
+                if problem:
+                    problems.append(problem)
+                bar.update()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+            bar.close()
         seconds = time.perf_counter() - start
-        return {"cases": len(cases), **counts, "seconds": seconds,
+        return {"cases": len(cases), **counts, "problems": problems, "seconds": seconds,
                 "cases_per_s": len(cases) / seconds if seconds > 0 else float("inf")}
 
     def _sweep_stale_tmp(self) -> None:
@@ -206,6 +218,11 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _warm_one(args: tuple[str, PreprocessConfig, Case]) -> str:
-    root, cfg, case = args
-    return PreprocessCache(root, cfg).fetch(case)[1]
+def _warm_one(args: tuple[str, PreprocessConfig, Case, bool]) -> tuple[str, str | None]:
+    root, cfg, case, skip_bad = args
+    try:
+        return PreprocessCache(root, cfg).fetch(case)[1], None
+    except UserError as exc:
+        if not skip_bad:
+            raise
+        return "failed", exc.line()

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from fedsubtype.cache import PreprocessCache, content_hash
 from fedsubtype.configio import atomic_write_bytes
-from fedsubtype.errors import ImageReadError
+from fedsubtype.errors import ImageReadError, UserError
 from fedsubtype.manifest import Case
 from fedsubtype.preprocess import PreprocessConfig
 
@@ -129,12 +129,23 @@ def test_warm_counts_and_parallel_workers(tmp_path):
     cases = [make_case(tmp_path / "data", f"c{i}", seed=i, radius_mm=5.0 + i) for i in range(3)]
     cache = PreprocessCache(tmp_path / "cache", CFG)
     cold = cache.warm(cases[:2], progress=False)
-    assert (cold["cases"], cold["miss"], cold["hit"], cold["rebuilt"]) == (2, 2, 0, 0)
+    assert (cold["cases"], cold["miss"], cold["hit"], cold["rebuilt"], cold["failed"]) == (2, 2, 0, 0, 0)
     assert cold["cases_per_s"] > 0
     cache.path(cases[0]).write_bytes(b"broken")
     again = cache.warm(cases, workers=2, progress=False)
     assert (again["hit"], again["miss"], again["rebuilt"]) == (1, 1, 1)
     assert cache.warm(cases, progress=False)["hit"] == 3
+
+
+def test_warm_raises_or_skips_a_bad_case(tmp_path):
+    good = make_case(tmp_path / "data", "good")
+    empty = make_case(tmp_path / "data", "empty", radius_mm=0.1)  # no voxel inside the tumour
+    cache = PreprocessCache(tmp_path / "cache", CFG)
+    with pytest.raises(UserError, match="^empty: the tumour mask is empty"):
+        cache.warm([good, empty], progress=False)
+    report = cache.warm([good, empty], progress=False, skip_bad=True)
+    assert (report["hit"], report["failed"]) == (1, 1)
+    assert report["problems"] == ["empty: the tumour mask is empty — check the segmentation file (every case needs a tumour)"]
 
 
 def test_missing_file_is_a_user_error(tmp_path):
