@@ -1,0 +1,143 @@
+"""DP-SGD with real Opacus through `fedsubtype.training.fit` and through a site's SiteAlgo rounds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedsubtype.errors import UserError
+from fedsubtype.model import ModelConfig, build_model
+from fedsubtype.privacy import PrivacyConfig
+from fedsubtype.privacy.accounting import epsilon_for, make_plan
+from fedsubtype.privacy.engine import OpacusPrivacy, check_model
+from fedsubtype.training import TrainConfig, fit
+
+TINY = ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16)
+SIZE = 16
+
+
+class TinyCases(Dataset):
+    """n seeded synthetic cases shaped like CaseDataset items (including the string fields)."""
+
+    def __init__(self, n: int = 16) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        labels = torch.tensor([i % 2, (i // 2) % 2, (i // 4) % 2, 10.0 + 3 * i], dtype=torch.float32)
+        return {"image": torch.randn(1, SIZE, SIZE, SIZE, generator=g),
+                "regions": torch.randint(0, 4, (SIZE, SIZE, SIZE), generator=g),
+                "labels": labels, "present": torch.ones(4, dtype=torch.bool), "case_id": f"case{i}", "site": "a"}
+
+
+def _plan(n: int, **kw):
+    cfg = PrivacyConfig(enabled=True, target_epsilon=kw.pop("eps", 8.0), accountant="rdp", **kw)
+    return make_plan(cfg, n_train=n, batch_size=8, rounds=2, local_epochs=1)
+
+
+def test_batchnorm_is_refused_with_the_layer_named():
+    model = nn.Sequential(nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.ReLU())
+    with pytest.raises(UserError, match="BatchNorm") as info:
+        check_model(model)
+    assert "\n" not in str(info.value) and "GroupNorm" in str(info.value)
+    check_model(build_model(TINY))  # the project's network is DP-compatible
+
+
+def test_dp_fit_changes_weights_keeps_plain_names_and_spends_epsilon():
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = _plan(16)
+    hook = OpacusPrivacy(plan, seed=3, server_round=1)
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=False, progress=False, device="cpu", patience=None)
+    result = fit(model, TinyCases(16), None, cfg, privacy=hook)
+    state = result.model.state_dict()
+    assert list(state) == list(before)  # same keys, same order: no `_module.` prefixes
+    assert not any("_module" in k for k in state)
+    assert any(not torch.equal(before[k], state[k]) for k in before)
+    assert hook.steps == plan.steps_per_round == 2
+    eps = epsilon_for(hook.entries(), plan.delta, "rdp")
+    assert eps > 0
+    assert not hasattr(next(result.model.parameters()), "grad_sample")
+
+
+def test_dp_round_respects_its_step_cap_and_counts_empty_draws():
+    plan = _plan(16, noise_multiplier=1.0)
+    hook = OpacusPrivacy(plan, seed=5, max_steps=1)
+    cfg = TrainConfig(epochs=3, batch_size=8, augment=False, progress=False, device="cpu", patience=None)
+    fit(build_model(TINY), TinyCases(16), None, cfg, privacy=hook)
+    assert hook.steps == 1  # three epochs asked, the privacy plan allowed one step
+    # an empty Poisson draw still releases a noisy step and is counted
+    hook2 = OpacusPrivacy(plan, seed=5)
+    model = build_model(TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    private_model, dp_opt, _ = hook2.make_private(model, opt, torch.utils.data.DataLoader(TinyCases(16), batch_size=8))
+    before = [p.detach().clone() for p in model.parameters()]
+    hook2.noise_only_step()
+    assert hook2.steps == 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # noise moved the weights
+    hook2.finish(private_model)
+
+
+def test_dp_and_plain_sites_send_interchangeable_weights():
+    from fedsubtype.federated import get_weights
+
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=False, progress=False, device="cpu", patience=None)
+    torch.manual_seed(0)
+    dp = fit(build_model(TINY), TinyCases(16), None, cfg, privacy=OpacusPrivacy(_plan(16), seed=1)).model
+    torch.manual_seed(0)
+    plain = fit(build_model(TINY), TinyCases(16), None, cfg).model
+    w_dp, w_plain = get_weights(dp), get_weights(plain)
+    assert [w.shape for w in w_dp] == [w.shape for w in w_plain]
+    assert list(dp.state_dict()) == list(plain.state_dict())
+    average = [(a + b) / 2 for a, b in zip(w_dp, w_plain)]  # what FedAvg does
+    assert all(np.isfinite(w).all() for w in average)
+
+
+@pytest.mark.parametrize("eps", [3.5])
+def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_cohort, tmp_path, eps):
+    """SiteAlgo with privacy on: ε grows over rounds in one ledger, survives a restart, the site declines at the end."""
+    from fedsubtype.configio import to_dict
+    from fedsubtype.federated import SiteAlgo, get_weights
+    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.privacy.site import PrivacyBudgetExhausted
+    from fedsubtype.site_config import SiteConfig
+
+    import csv
+
+    with open(phantom_cohort, newline="") as fh:
+        site_name = sorted({row["site"] for row in csv.DictReader(fh)})[0]
+    prep = PreprocessConfig(size=SIZE)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=eps, noise_multiplier=1.5, accountant="rdp")
+    site = SiteConfig(name="dp-site", manifest=phantom_cohort, manifest_site=site_name, cache=tmp_path / "cache",
+                      work_dir=tmp_path / "state", preprocess=prep, privacy=privacy, batch_size=4, device="cpu")
+    round_config = {"local-epochs": 1, "batch-size": 4, "augment": False, "seed": 0, "run-id": "run-A",
+                    "num-rounds": 3, "model-config": json.dumps(to_dict(TINY)),
+                    "preprocess-config": json.dumps(to_dict(prep))}
+    algo = SiteAlgo(site).initialize()
+    weights = get_weights(build_model(TINY))
+    spent = []
+    declined_at = None
+    for rnd in range(1, 30):
+        try:
+            weights, n, metrics = algo.train(weights, {**round_config, "server-round": rnd})
+        except PrivacyBudgetExhausted as exc:
+            declined_at = rnd
+            assert exc.metrics["budget_exhausted"] == 1 and "budget exhausted" in exc.line()
+            break
+        spent.append(metrics["epsilon"])
+        assert len(weights) == len(get_weights(build_model(TINY)))
+        if rnd == 1:  # a site restart mid-run keeps the ledger
+            algo = SiteAlgo(site).initialize()
+    assert declined_at is not None and len(spent) >= 2
+    assert spent == sorted(spent) and spent[-1] <= eps
+    ledger = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text())
+    assert [r["round"] for r in ledger["runs"]["run-A"]["rounds"]] == list(range(1, declined_at))
