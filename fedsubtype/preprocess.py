@@ -229,9 +229,18 @@ def preprocess_case(case: Case, cfg: PreprocessConfig) -> PreprocessedCase:
 
 
 def model_grid_image(array: np.ndarray, meta: dict[str, Any]) -> sitk.Image:
-    """A model-grid array (S, S, S) as a SimpleITK image with the model grid's physical geometry."""
+    """A model-grid array (S, S, S) — or a tensor, leading singleton axes allowed — as a SimpleITK image
+    with the model grid's physical geometry."""
     grid = meta["model_grid"]
+    if hasattr(array, "detach"):  # a torch tensor, e.g. an attention map straight from the model
+        array = array.detach().cpu().numpy()
     arr = np.asarray(array)
+    while arr.ndim > 3 and arr.shape[0] == 1:  # [1,S,S,S] or [1,1,S,S,S]
+        arr = arr[0]
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
     if arr.shape != tuple(grid["size"]):
         raise UserError(f"array shape {arr.shape} does not match the model grid {tuple(grid['size'])}",
                         "pass a map produced for this preprocessed case")

@@ -83,7 +83,9 @@ def test_forward_and_back_recovers_the_regions():
     for label in (1, 3):
         assert dice(original == label, returned == label) > 0.9, label
     # a continuous map goes back with linear interpolation, zero outside the crop
-    ramp = to_image_grid(np.ones((64, 64, 64), np.float32), out.meta, image)
+    import torch
+
+    ramp = to_image_grid(torch.ones((1, 1, 64, 64, 64), requires_grad=True), out.meta, image)  # straight from a model
     inside = sitk.GetArrayFromImage(ramp)
     assert inside.max() == pytest.approx(1.0) and inside.min() == 0.0
 
