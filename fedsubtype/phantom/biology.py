@@ -109,13 +109,13 @@ EFFECTS: dict[str, tuple[float, float, float, float, float]] = {
     #                      er_neg   pr_pos  her2   ki67   noise
     "log_diameter":       (0.10,    0.00,   0.18,  0.25,  0.30),
     "lobulation":         (-0.25,   0.00,   0.20,  0.30,  1.00),
-    "spiculation":        (-0.85,   0.50,  -0.35, -0.50,  1.00),
+    "spiculation":        (-0.80,   0.55,  -0.35, -0.50,  1.00),
     "enhancement":        (0.30,    0.00,   0.45,  0.50,  1.00),
-    "necrosis":           (1.30,    0.00,   0.10,  0.80,  1.00),
+    "necrosis":           (1.15,    0.00,   0.10,  0.80,  1.00),
     "heterogeneity_fine": (0.20,   -0.40,   0.55,  2.20,  1.00),
     "heterogeneity_coarse": (0.25,  0.00,   1.40,  0.50,  1.00),
-    "rim_enhancement":    (0.95,   -0.20,   0.35,  0.40,  1.00),
-    "oedema":             (0.75,    0.00,   0.50,  1.10,  1.00),
+    "rim_enhancement":    (0.85,   -0.25,   0.35,  0.40,  1.00),
+    "oedema":             (0.65,    0.00,   0.50,  1.10,  1.00),
     "peri_enhancement":   (0.35,    0.00,   1.40,  0.30,  1.00),
     "bpe":                (-0.25,   0.00,   0.00,  0.00,  1.00),
 }

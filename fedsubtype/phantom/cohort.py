@@ -26,7 +26,7 @@ from .anatomy import render_breast
 from .plan import STREAM_IMAGE, PlannedCase, case_rng, latent_table, plan_cohort
 from .scanner import Grid, acquire, reorient
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 MARKER = "phantom.json"
 MAX_SITES = 12
 MIN_CASES_PER_SITE = 4
