@@ -80,6 +80,12 @@ def load_cohort(scen: Scenario, spec: PartitionSpec, say: Callable[[str], None] 
 
     manifest = ensure_manifest(scen.data, say)
     cases = read_manifest(manifest)
+    if scen.data.max_cases is not None:
+        if scen.data.max_cases < 1:
+            raise UserError(f"data.max_cases must be >= 1, got {scen.data.max_cases}", "remove it to use every case",
+                            where="scenario.data.max_cases")
+        cases = cases[:scen.data.max_cases]
+        say(f"using the first {len(cases)} cases of {manifest} (data.max_cases)")
     partition = make_partition(cases, spec)
     pcfg = build_preprocess_config(scen)
     cache = PreprocessCache(Path(scen.data.cache_dir), pcfg)

@@ -190,7 +190,8 @@ def label_table(partitions: dict[str, Any]) -> str:
     blocks = []
     for setting, part in partitions.items():
         table = part.label_table()
-        cols = sorted({k for row in table.values() for k in row} - {"cases"}, key=lambda k: (not k.endswith("+"), k))
+        subtypes = sorted({k for row in table.values() for k in row} - {"cases", "er+", "pr+", "her2+"})
+        cols = ["er+", "pr+", "her2+", *subtypes]
         lines = [f"| {setting}: site | cases | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
         for site, row in table.items():
             tag = " (external)" if site == part.external_site else ""
@@ -425,9 +426,11 @@ def write_report(scen: Scenario, records: list[dict[str, Any]], partitions: dict
                   "against the model trained with it (same seed).", "", loso_md, "", "![LOSO](loso_drop.png)", ""]
     seen = defaultdict(list)
     for r in records:
-        for model, n in r["samples_seen"].items():
-            seen[r["method"]].append(n)
-    parts += ["## Compute budget", "", "| method | training samples seen per model (mean) |", "|---|---|"]
+        if r["holdout"] == ALL:
+            counts = r["samples_seen"]
+            seen[r["method"]].append(sum(counts.values()) if r["family"] == "local" else counts.get("global", 0))
+    parts += ["## Compute budget", "", "Training samples seen per run (local-only: all site models together), "
+              "trained on all internal sites.", "", "| method | samples seen (mean over seeds) |", "|---|---|"]
     parts += [f"| {m} | {np.mean(v):.0f} |" for m, v in seen.items()]
     parts += ["", "Files: `results.csv` (every metric of every run), `partition*.csv` (case_id, site, split), "
               "`runs/` (per-run records and predictions).", ""]

@@ -254,9 +254,10 @@ def run_study(scen: Scenario, *, root: Path | None = None, say: Callable[[str], 
                 continue
             say(f"run {i}/{len(keys)} {key.label()}: training ...")
             rec = execute_run(key, sub, cohort, root, config_hash, say, verbose)
-            pooled = next((r for r in rec["rows"] if r["test_site"] == POOLED and r["metric"] == "mean_auc"
-                           and r["value"] != ""), None)
-            summary = f"pooled-test mean AUC {float(pooled['value']):.3f}" if pooled else "done"
+            from .report import run_value
+
+            pooled = run_value(rec, POOLED, "mean_auc")
+            summary = f"pooled-test mean AUC {pooled:.3f}" if np.isfinite(pooled) else "done"
             say(f"run {i}/{len(keys)} {key.label()}: {summary} in {rec['wall_s']:.0f} s "
                 f"(study {time.perf_counter() - t_study:.0f} s)")
             records.append(rec)

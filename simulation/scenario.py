@@ -42,6 +42,7 @@ class DataSpec:
     manifest: Path = Path("data/phantom/manifest.csv")
     cache_dir: Path = Path("cache/preprocess")
     cache_workers: int = 2
+    max_cases: int | None = None  # use only the manifest's first N rows (a smaller trial; say so when quoting it)
     phantom: PhantomSpec = field(default_factory=PhantomSpec)
 
 
