@@ -49,6 +49,12 @@ class ScannerAugmentation:
         """Restart the random stream from `seed`."""
         self.transform.set_random_state(seed=int(seed) % (2**32))
 
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> "ScannerAugmentation":
+        """MONAI-style reseed of the current stream. The base seed used by :meth:`reseed_for` is kept, so a
+        DataLoader worker that calls this cannot make items depend on which worker drew them."""
+        self.transform.set_random_state(seed=None if seed is None else int(seed) % (2**32), state=state)
+        return self
+
     def reseed_for(self, epoch: int, index: int) -> None:
         """Seed from (base seed, epoch, item index): an item's augmentation no longer depends on worker or order."""
         self.reseed(int(np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0]))
