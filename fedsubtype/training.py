@@ -221,13 +221,13 @@ def _label_matrix(data: Dataset) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, len(TASKS)))
 
 
-def _build_loss(cfg: TrainConfig, train_labels: np.ndarray) -> Callable:
+def _build_loss(cfg: TrainConfig, train_labels: np.ndarray, per_case: bool = False) -> Callable:
     """The joint loss with the configured task weights and, optionally, the training split's class weights."""
     from .model.loss import JointLoss, pos_weight_from_labels
 
     weights = tuple(float(cfg.task_weights.get(t, 1.0)) for t in TASKS)
     pos_weight = pos_weight_from_labels(train_labels) if cfg.class_weighting else None
-    return JointLoss(task_weights=weights, ki67_loss=cfg.ki67_loss, pos_weight=pos_weight)
+    return JointLoss(task_weights=weights, ki67_loss=cfg.ki67_loss, pos_weight=pos_weight, per_case=per_case)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine") -> Callable[[int], float]:
@@ -529,7 +529,7 @@ def _build_run(model: nn.Module, train_data: Dataset, cfg: TrainConfig, proximal
     """Loss, seeded loader, AdamW, the privacy hook's wrapping, and the warm-up + cosine schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = _global_params(params, global_params, device) if proximal_mu > 0 else None
-    loss_fn = _build_loss(cfg, _label_matrix(train_data))
+    loss_fn = _build_loss(cfg, _label_matrix(train_data), per_case=privacy is not None)  # DP: per-case mean
     train_view = _with_augmentation(train_data, cfg)
     loader: Any = DataLoader(train_view, batch_size=cfg.batch_size, shuffle=True,
                              generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.num_workers,

@@ -15,9 +15,9 @@ from fedsubtype.privacy.accounting import epsilon_for, steps_per_epoch
 PHANTOM_Q8, PHANTOM_Q16 = 8 / 130, 16 / 130
 SETTINGS = [  # (history [(σ, q, steps)], δ)
     ([(1.1, PHANTOM_Q8, 400)], 1e-5),                                  # the reference point
-    ([(0.75, PHANTOM_Q16, 6 * steps_per_epoch(PHANTOM_Q16))], 1e-5),   # phantom ε≈8 regime
-    ([(1.2, PHANTOM_Q8, 6 * steps_per_epoch(PHANTOM_Q8))], 1e-5),      # phantom ε≈3 regime
-    ([(2.8, PHANTOM_Q8, 6 * steps_per_epoch(PHANTOM_Q8))], 1e-5),      # phantom ε≈1 regime
+    ([(0.75, PHANTOM_Q16, 6 * steps_per_epoch(PHANTOM_Q16))], 1e-5),   # phantom, batch 16 (ε ≈ 11)
+    ([(1.2, PHANTOM_Q8, 6 * steps_per_epoch(PHANTOM_Q8))], 1e-5),      # phantom, batch 8 (ε ≈ 3)
+    ([(2.8, PHANTOM_Q8, 6 * steps_per_epoch(PHANTOM_Q8))], 1e-5),      # phantom, batch 8 (ε ≈ 1)
     ([(1.0, 0.5, 12)], 1e-3),                                          # tiny test site (16 cases, batch 8)
     ([(1.1, PHANTOM_Q8, 32), (1.1, PHANTOM_Q8, 32), (0.9, PHANTOM_Q8, 16)], 1e-5),  # several rounds, σ changed
 ]

@@ -141,3 +141,24 @@ def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_c
     assert spent == sorted(spent) and spent[-1] <= eps
     ledger = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text())
     assert [r["round"] for r in ledger["runs"]["run-A"]["rounds"]] == list(range(1, declined_at))
+
+
+def test_dp_loss_gives_each_case_a_gradient_independent_of_other_cases_labels():
+    """Per-sample clipping bounds a case's influence only if its gradient ignores which others have labels."""
+    from fedsubtype.model.loss import JointLoss
+
+    def case0_grad(loss_fn, present_other: bool):
+        logits = torch.tensor([[0.3, -0.2, 0.1], [0.5, 0.5, -1.0]], requires_grad=True)
+        ki67 = torch.tensor([0.2, 0.4], requires_grad=True)
+        labels = torch.tensor([[1.0, 0.0, 1.0, 30.0], [0.0, 1.0, 0.0, 10.0]])
+        present = torch.tensor([[True] * 4, [present_other] * 4])
+        loss, _ = loss_fn({"logits": logits, "ki67": ki67}, labels, present)
+        loss.backward()
+        return logits.grad[0].clone()
+
+    dp_loss, default_loss = JointLoss(per_case=True), JointLoss()
+    assert torch.allclose(case0_grad(dp_loss, True), case0_grad(dp_loss, False))
+    assert not torch.allclose(case0_grad(default_loss, True), case0_grad(default_loss, False))
+    out = {"logits": torch.zeros(2, 3), "ki67": torch.zeros(2)}
+    labels, present = torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool)
+    assert float(dp_loss(out, labels, present)[0]) == pytest.approx(float(default_loss(out, labels, present)[0]))

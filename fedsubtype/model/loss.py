@@ -25,7 +25,7 @@ class JointLoss:
 
     def __init__(self, task_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
                  ki67_loss: Literal["mse", "huber"] = "mse", pos_weight: Sequence[float] | None = None,
-                 huber_delta: float = 0.1) -> None:
+                 huber_delta: float = 0.1, per_case: bool = False) -> None:
         if len(task_weights) != len(TASKS) or any(w < 0 for w in task_weights):
             raise ValueError(f"task_weights must be {len(TASKS)} non-negative numbers (er, pr, her2, ki67), "
                              f"got {list(task_weights)}")
@@ -39,6 +39,10 @@ class JointLoss:
         self.ki67_loss = ki67_loss
         self.pos_weight = None if pos_weight is None else tuple(float(w) for w in pos_weight)
         self.huber_delta = float(huber_delta)
+        # DP-SGD (privacy): the total must be a mean over cases of per-case losses, so that one case's
+        # clipped gradient does not depend on which other cases carry a label; per_case divides each
+        # task's sum by the batch size instead of by its number of present labels.
+        self.per_case = bool(per_case)
 
     def __call__(self, outputs: dict, labels: torch.Tensor, present: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -64,7 +68,10 @@ class JointLoss:
         counts = present.sum(0)
         means = masked.sum(0) / counts.clamp_min(1).to(masked.dtype)
         weights = torch.tensor(self.task_weights, dtype=masked.dtype, device=masked.device)
-        total = (weights * means).sum()  # the where() keeps a graph even when nothing is present
+        if self.per_case:  # privacy: mean over cases of Σ_t w_t·ℓ_it (see __init__)
+            total = (masked * weights).sum() / max(1, masked.shape[0])
+        else:
+            total = (weights * means).sum()  # the where() keeps a graph even when nothing is present
         log = {"loss": float(total.detach())}
         for i, task in enumerate(TASKS):
             log[task] = float(means[i].detach())
