@@ -156,9 +156,43 @@ def _t95(n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1)) if n > 1 else float("nan")
 
 
-def loso_table(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+def _mean_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for j in range(len(CLASSIFICATION_TASKS)):
+        keep = ~np.isnan(labels[:, j])
+        y = labels[keep, j]
+        if len(np.unique(y)) == 2:
+            aucs.append(roc_auc_score(y, probs[keep, j]))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def paired_bootstrap_drop(with_site: dict[str, np.ndarray], without: dict[str, np.ndarray], site: str,
+                          n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of mean AUC(with) − mean AUC(without) on `site`'s test cases, resampling cases
+    (paired: both models score the same resampled cases)."""
+    idx = np.flatnonzero(with_site["global__sites"] == site)
+    idx_wo = np.flatnonzero(without["global__sites"] == site)
+    if len(idx) < 2 or len(idx) != len(idx_wo):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    lab, p1, p2 = with_site["global__labels"][idx], with_site["global__probs"][idx], without["global__probs"][idx_wo]
+    drops = []
+    for _ in range(n_boot):
+        b = rng.integers(0, len(idx), len(idx))
+        d = _mean_auc(lab[b], p1[b]) - _mean_auc(lab[b], p2[b])
+        if math.isfinite(d):
+            drops.append(d)
+    if len(drops) < n_boot // 2:
+        return float("nan"), float("nan")
+    return float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))
+
+
+def loso_table(records: list[dict[str, Any]], root: Path | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Leave-one-site-out: each held-out site's test split scored by the model that never saw the site,
-    against the all-sites model of the same seed; drop = all-sites − held-out (95 % t-interval over seeds)."""
+    against the all-sites model of the same seed; drop = all-sites − held-out. 95 % CI: t-interval over
+    seeds when there are several, else a paired bootstrap over the site's test cases."""
     lines = ["| setting | method | held-out site | AUC, site in training | AUC, site unseen | drop | 95 % CI of drop |",
              "|---|---|---|---|---|---|---|"]
     rows = []
@@ -166,7 +200,7 @@ def loso_table(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
         for method in _methods(records):
             held = sorted({r["holdout"] for r in _select(records, setting=setting, method=method) if r["holdout"] != ALL})
             for site in held:
-                with_site, without, drops = [], [], []
+                with_site, without, drops, pairs = [], [], [], []
                 for r in _select(records, setting=setting, method=method, holdout=site):
                     base = _select(records, setting=setting, method=method, holdout=ALL, seed=r["seed"])
                     out_auc = run_value(r, site, "mean_auc")
@@ -175,10 +209,20 @@ def loso_table(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
                         in_auc = run_value(base[0], site, "mean_auc")
                         with_site.append(in_auc)
                         drops.append(in_auc - out_auc)
+                        pairs.append((base[0], r))
                 m, s, n = mean_sd(drops)
-                half = _t95(n) * s / math.sqrt(n) if n > 1 else float("nan")
-                ci = f"[{m - half:+.3f}, {m + half:+.3f}]" if math.isfinite(half) else "n/a (one seed)"
-                rows.append({"setting": setting, "method": method, "site": site, "drop": m, "half": half,
+                lo = hi = float("nan")
+                if n > 1:
+                    half = _t95(n) * s / math.sqrt(n)
+                    lo, hi = m - half, m + half
+                    how = "t, seeds"
+                elif n == 1 and root is not None:
+                    a, b = _predictions(root, pairs[0][0]), _predictions(root, pairs[0][1])
+                    if a is not None and b is not None and "global__sites" in a and "global__sites" in b:
+                        lo, hi = paired_bootstrap_drop(a, b, site, seed=int(pairs[0][1]["seed"]))
+                    how = "paired bootstrap over cases"
+                ci = f"[{lo:+.3f}, {hi:+.3f}] ({how})" if math.isfinite(lo) else "n/a"
+                rows.append({"setting": setting, "method": method, "site": site, "drop": m, "lo": lo, "hi": hi,
                              "with": mean_sd(with_site)[0], "without": mean_sd(without)[0]})
                 lines.append(f"| {setting} | {method} | {site} | {fmt(with_site)} | {fmt(without)} | "
                              f"{m:+.3f} | {ci} |" if n else f"| {setting} | {method} | {site} | – | {fmt(without)} | – | – |")
@@ -373,14 +417,16 @@ def plot_loso(rows: list[dict[str, Any]], path: Path) -> None:
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         sel = {r["site"]: r for r in rows if r["method"] == method}
-        vals = [sel[s]["drop"] if s in sel else np.nan for s in sites]
-        err = [sel[s]["half"] if s in sel and math.isfinite(sel[s]["half"]) else 0 for s in sites]
+        vals = np.array([sel[s]["drop"] if s in sel else np.nan for s in sites])
+        lo = np.array([sel[s]["lo"] if s in sel and math.isfinite(sel[s]["lo"]) else np.nan for s in sites])
+        hi = np.array([sel[s]["hi"] if s in sel and math.isfinite(sel[s]["hi"]) else np.nan for s in sites])
+        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
         ax.bar(np.arange(len(sites)) + i * width, vals, width, yerr=err, capsize=2, label=method)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2)
     ax.set_xticklabels(sites)
     ax.set_ylabel("mean-AUC drop when the site is unseen")
-    ax.set_title("Leave-one-site-out (95 % CI over seeds; phantom)", fontsize=10)
+    ax.set_title("Leave-one-site-out drop with 95 % CI (phantom)", fontsize=10)
     ax.legend(fontsize=7)
     _save(fig, path)
 
@@ -419,7 +465,7 @@ def write_report(scen: Scenario, records: list[dict[str, Any]], partitions: dict
     plot_roc(records, root, root / "roc.png")
     plot_ki67(records, root, root / "ki67_scatter.png")
     parts += ["## ROC curves and Ki-67", "", "![ROC](roc.png)", "", "![Ki-67](ki67_scatter.png)", ""]
-    loso_md, loso_rows = loso_table(records)
+    loso_md, loso_rows = loso_table(records, root)
     if loso_rows:
         plot_loso(loso_rows, root / "loso_drop.png")
         parts += ["## Leave-one-site-out", "", "Each held-out site's test split scored by a model trained without the site, "

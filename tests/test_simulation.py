@@ -31,6 +31,8 @@ def _scenario(tmp: Path, phantom: Path, **extra) -> Path:
         "federation": {"budget_epochs": 2, "local_epochs": 1},
         "methods": [{"name": "pooled"}, {"name": "local"}, {"name": "fedavg"}],
         "seeds": [0],
+        "leave_one_site_out": True,
+        "loso_methods": ["pooled"],
         "ray": {"num_cpus": 2, "client_cpus": 1},
     }
     data.update(extra)
@@ -61,7 +63,7 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
     lines: list[str] = []
     first = run_study(scen, say=lines.append)
     root = tmp_path / "out"
-    assert first.ran == 3 and first.skipped == 0
+    assert first.ran == 5 and first.skipped == 0  # pooled, local, fedavg + pooled without each of the 2 sites
 
     # the federated run went through the real apps: both virtual sites answered in both rounds
     fed = next(r for r in first.records if r["method"] == "fedavg")
@@ -75,7 +77,7 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
     # equal budget: every method saw the same number of training samples (2 epochs of the training cases)
     partition = _rows(root / "partition.csv")
     n_train = sum(1 for r in partition if r["split"] == "train")
-    pooled = next(r for r in first.records if r["method"] == "pooled")
+    pooled = next(r for r in first.records if r["method"] == "pooled" and r["holdout"] == "none")
     local = next(r for r in first.records if r["method"] == "local")
     assert pooled["samples_seen"]["global"] == 2 * n_train
     assert sum(local["samples_seen"].values()) == 2 * n_train
@@ -92,11 +94,18 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
     assert "engineering evidence, not clinical claims" in report
     for png in ("labels_per_site.png", "per_site_auc.png", "roc.png", "ki67_scatter.png", "convergence.png"):
         assert (root / png).read_bytes()[:4] == b"\x89PNG"
-    assert any("round" in line or "run 3/3" in line for line in lines)
+    assert any("run 5/5" in line for line in lines)
+
+    # leave-one-site-out: each held-out model trained on the other site only, and scored on the held-out one
+    for held in sites:
+        rec = next(r for r in first.records if r["holdout"] == held)
+        assert rec["train_sites"] == [s for s in sites if s != held]
+        assert held in rec["evaluations"][0]["metrics"]
+    assert "## Leave-one-site-out" in report and (root / "loso_drop.png").is_file()
 
     # resumable: a second run skips every finished run and reproduces the same table
     second = run_study(scen, say=lambda _: None)
-    assert second.ran == 0 and second.skipped == 3
+    assert second.ran == 0 and second.skipped == 5
     assert _rows(root / "results.csv") == results
 
 
