@@ -57,8 +57,8 @@ class SiteConfig:
     """Preprocessing used to warm the cache before connecting; rounds use the coordinator's (re-warmed if it differs)."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Differential privacy at this site (DP-SGD); the coordinator cannot change it."""
-    connect_retries: int = 5
-    """Attempts to reach the SuperLink before giving up (exponential back-off)."""
+    connect_retries: int = 8
+    """Attempts to reach the SuperLink before giving up (exponential back-off: 1, 2, 4, ... 30 s)."""
     connect_timeout_s: float = 120.0
     """Longest total wait for the SuperLink at start."""
     reconnect_timeout_s: float | None = None

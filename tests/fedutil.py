@@ -120,12 +120,17 @@ class Procs:
                     pass
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, procs: Procs | None = None) -> None:
-    """Poll `check` every half second; AssertionError naming `what` (with the logs) on timeout."""
+def wait_until(check: Callable[[], bool], timeout: float, what: str, procs: Procs | None = None,
+               alive: str = "server") -> None:
+    """Poll `check` every half second; AssertionError naming `what` (with the logs) on timeout, or as soon
+    as the `alive` process has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
+        if procs is not None and alive in procs.procs and procs.procs[alive].poll() is not None:
+            raise AssertionError(f"{alive} exited ({procs.procs[alive].returncode}) while waiting for {what}\n"
+                                 f"{procs.dump()}")
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{procs.dump() if procs else ''}")
 
@@ -136,7 +141,7 @@ def write_site(folder: Path, name: str, manifest: Path, port: int, creds: Path, 
     cfg = {"name": name, "manifest": str(manifest), "manifest_site": name, "superlink": f"127.0.0.1:{port}",
            "ca_certificate": str(creds / "ca.crt"), "auth_private_key": str(creds / "sites" / f"{key_name or name}.key"),
            "local_port": free_port(), "work_dir": str(folder / f"state-{name}"), "cache": str(cache), "threads": 1,
-           "connect_retries": 3, "connect_timeout_s": 300, "preprocess": {"size": 16}, **extra}
+           "connect_retries": 30, "connect_timeout_s": 300, "preprocess": {"size": 16}, **extra}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
