@@ -441,7 +441,7 @@ def write_report(scen: Scenario, records: list[dict[str, Any]], partitions: dict
              f"{scen.description.strip()}" if scen.description else "",
              "",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `fedsubtype-sim --scenario {scen.name}` · "
-             f"config hash `{scen.config_hash()}` · seeds {scen.seeds} · partition `{scen.partition.kind}` · "
+             f"config hash `{', '.join(sorted({r['config_hash'] for r in records})) or scen.config_hash()}` · seeds {scen.seeds} · partition `{scen.partition.kind}` · "
              f"budget {scen.federation.budget_epochs} epochs (federated: {scen.federation.rounds} rounds × "
              f"{scen.federation.local_epochs} local epoch(s)) for every method.", ""]
     if not records:

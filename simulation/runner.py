@@ -113,6 +113,10 @@ def execute_run(key: RunKey, scen: Scenario, cohort: Cohort, root: Path, config_
     from .baselines import train_on
 
     folder = key.folder(root)
+    if (folder / "result.json").is_file():  # finished under another configuration: start clean
+        import shutil
+
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     internal = cohort.partition.internal_sites()
@@ -158,15 +162,18 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def load_record(key: RunKey, root: Path) -> dict[str, Any] | None:
-    """A finished run's record, or None (missing or half-written files count as not finished)."""
+def load_record(key: RunKey, root: Path, config_hash: str | None = None) -> dict[str, Any] | None:
+    """A finished run's record, or None (missing, half-written, or made under another configuration)."""
     path = key.folder(root) / "result.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    if config_hash is not None and record.get("config_hash") != config_hash:
+        return None
+    return record
 
 
 def write_results_csv(records: list[dict[str, Any]], path: Path) -> None:
@@ -208,7 +215,7 @@ def plan_study(scen: Scenario, say: Callable[[str], None] = print) -> list[RunKe
         for site, row in cohort.partition.label_table().items():
             say(f"[{setting}] {site}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
         for key in plan_runs(sub, setting, cohort.partition.internal_sites()):
-            state = "finished" if load_record(key, root) else "to run"
+            state = "finished" if load_record(key, root, sub.config_hash()) else "to run"
             say(f"{key.label()}: {state}")
             keys.append(key)
     say(f"{len(keys)} run(s); results in {root}")
@@ -222,7 +229,7 @@ def report_only(scen: Scenario, say: Callable[[str], None] = print) -> Path:
     for setting, sub, cohort in _setting_cohorts(scen, say, warm=False):
         partitions[setting] = cohort.partition
         records += [r for key in plan_runs(sub, setting, cohort.partition.internal_sites())
-                    if (r := load_record(key, root)) is not None]
+                    if (r := load_record(key, root)) is not None]  # whatever finished; hashes are in the table
     write_results_csv(records, root / "results.csv")
     from .report import write_report
 
@@ -237,7 +244,6 @@ def run_study(scen: Scenario, *, root: Path | None = None, say: Callable[[str], 
     root = Path(root or scen.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     dump_yaml(scen, root / "scenario.resolved.yaml")
-    config_hash = scen.config_hash()
     records: list[dict[str, Any]] = []
     ran = skipped = 0
     partitions: dict[str, Any] = {}
@@ -246,8 +252,9 @@ def run_study(scen: Scenario, *, root: Path | None = None, say: Callable[[str], 
         partitions[setting] = cohort.partition
         cohort.partition.write_csv(root / _partition_name(setting))
         keys = plan_runs(sub, setting, cohort.partition.internal_sites())
+        config_hash = sub.config_hash()
         for i, key in enumerate(keys, start=1):
-            done = load_record(key, root)
+            done = load_record(key, root, config_hash)
             if done is not None:
                 say(f"run {i}/{len(keys)} {key.label()}: finished earlier — skipped")
                 records.append(done)

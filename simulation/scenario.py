@@ -192,10 +192,15 @@ class Scenario:
         return out
 
     def config_hash(self) -> str:
-        """Short hash of everything that changes the numbers (not output_dir or ray resources)."""
+        """Short hash of everything that changes a run's numbers: data, partition, preprocessing, model,
+        training, privacy, budget. Not which methods/seeds/sites are run, the sweep, or where/how (output, Ray),
+        so a run finished under one invocation is reused by another that asks for the same run."""
         data = to_dict(self)
-        for key in ("output_dir", "ray", "description"):
+        for key in ("name", "output_dir", "ray", "description", "methods", "seeds", "leave_one_site_out",
+                    "loso_methods", "include_all_sites", "sweep", "evaluate_every_round"):
             data.pop(key, None)
+        data["data"].pop("cache_dir", None)
+        data["data"].pop("cache_workers", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
