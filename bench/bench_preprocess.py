@@ -1,6 +1,7 @@
 """Preprocessing throughput: cold (empty cache) vs cached (warm), in cases/s, on a phantom cohort.
 
     python bench/bench_preprocess.py [--cases 60] [--sites 3] [--repeats 3] [--size 64] [--workers 1] [--out FILE.json]
+                                     [--manifest EXISTING.csv] [--figure FILE.png]
 
 Each repeat preprocesses every case into a fresh, empty cache (cold; file hashes are recomputed too),
 then reads them all back through the cache (cached) and through CaseDataset (what training sees).
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="model input edge (voxels)")
     parser.add_argument("--workers", type=int, default=1, help="processes for the cold pass")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--manifest", type=Path, help="use this cohort instead of generating a phantom one")
+    parser.add_argument("--figure", type=Path, help="also save a PNG of the first cases' regions and model input")
     args = parser.parse_args(argv)
 
     from fedsubtype import cache as cache_mod
@@ -43,10 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     print("command:", shlex.join([sys.executable, *sys.argv]))
     cfg = PreprocessConfig(size=args.size)
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
-        t0 = time.perf_counter()
-        manifest = generate_cohort(Path(tmp) / "cohort", cases=args.cases, sites=args.sites, seed=args.seed, progress=False)
-        print(f"phantom cohort: {args.cases} cases, {args.sites} sites in {time.perf_counter() - t0:.1f} s")
-        cases = read_manifest(manifest)
+        if args.manifest:
+            cases = read_manifest(args.manifest)[:args.cases]
+            print(f"cohort: {len(cases)} cases from {args.manifest}")
+        else:
+            t0 = time.perf_counter()
+            manifest = generate_cohort(Path(tmp) / "cohort", cases=args.cases, sites=args.sites, seed=args.seed,
+                                       progress=False)
+            print(f"phantom cohort: {args.cases} cases, {args.sites} sites in {time.perf_counter() - t0:.1f} s")
+            cases = read_manifest(manifest)
+        if args.figure:
+            save_figure(cases[:4], cfg, args.figure)
         cold, cached, dataset = [], [], []
         for rep in range(args.repeats):
             cache_mod._hash_memo.clear()  # cold means nothing known: hash the files again too
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"dataset {dataset[-1]:.1f} items/s", flush=True)
         entry_bytes = [p.stat().st_size for p in (Path(tmp) / "cache0").rglob("*.fspc")]
     result = {
-        "cases": args.cases, "sites": args.sites, "repeats": args.repeats, "size": args.size, "workers": args.workers,
+        "cases": len(cases), "sites": args.sites, "repeats": args.repeats, "size": args.size, "workers": args.workers,
         "cold_cases_per_s_median": statistics.median(cold),
         "cached_cases_per_s_median": statistics.median(cached),
         "dataset_items_per_s_median": statistics.median(dataset),
@@ -83,6 +93,49 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out, json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def save_figure(cases: list, cfg, path: Path) -> None:
+    """Axial slice through each tumour: original image with regions, and the model input with region contours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import SimpleITK as sitk
+
+    from fedsubtype.imageio import load_case_images
+    from fedsubtype.preprocess import preprocess_images
+    from fedsubtype.regions import body_mask, compute_regions
+
+    fig, axes = plt.subplots(2, len(cases), figsize=(3.2 * len(cases), 6.6), squeeze=False)
+    for col, case in enumerate(cases):
+        image, mask = load_case_images(case)
+        body = body_mask(image, air_fraction=cfg.air_fraction)
+        regions = sitk.GetArrayFromImage(compute_regions(image, mask, rim_mm=cfg.rim_mm, peri_mm=cfg.peri_mm, body=body))
+        z = int(np.argwhere(regions > 0)[:, 0].mean())
+        top = axes[0, col]
+        top.imshow(sitk.GetArrayViewFromImage(image)[z], cmap="gray")
+        top.contour(sitk.GetArrayViewFromImage(body)[z], [0.5], colors="y", linewidths=0.8)
+        top.imshow(np.ma.masked_equal(regions[z], 0), cmap="brg", alpha=0.45, vmin=1, vmax=3)
+        top.set_title(f"{case.case_id} ({case.site})", fontsize=9)
+        pre = preprocess_images(image, mask, cfg)
+        k = cfg.size // 2
+        bottom = axes[1, col]
+        bottom.imshow(pre.image[:, :, k].T, cmap="gray", origin="lower")
+        sl = pre.regions[:, :, k].T
+        for region, colour in ((sl > 0, "g"), (np.isin(sl, (1, 2)), "r"), (sl == 1, "b")):
+            bottom.contour(region.astype(float), [0.5], colors=colour, origin="lower", linewidths=0.9)
+        bottom.set_title(f"model input {cfg.size}³, FOV {pre.meta['fov_mm']:.0f} mm", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_axis_off()
+    fig.suptitle("Core (blue), rim (red), peritumoral shell (green), body outline (yellow); below: model input "
+                 "with the same regions — phantom data, not clinical",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
