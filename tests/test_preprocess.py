@@ -151,3 +151,17 @@ def test_config_validation_is_one_line():
         assert f"preprocess.{key}" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="unknown key 'sise'"):
         from_dict(PreprocessConfig, {"sise": 32})
+
+
+def test_oblique_acquisition_maps_back_onto_itself():
+    image, mask = as_images(*breast_like())
+    angle = np.deg2rad(20.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    for im in (image, mask):
+        im.SetDirection(rot.ravel().tolist())
+    out = preprocess_images(image, mask, SMALL)
+    assert np.isin(out.regions, (1, 2)).any()
+    back = sitk.GetArrayFromImage(to_image_grid(out.regions, out.meta, image, interpolator="nearest"))
+    tumour = sitk.GetArrayFromImage(mask) > 0
+    returned = np.isin(back, (1, 2))
+    assert 2 * (tumour & returned).sum() / (tumour.sum() + returned.sum()) > 0.85
