@@ -102,6 +102,7 @@ def test_dp_and_plain_sites_send_interchangeable_weights():
     assert all(np.isfinite(w).all() for w in average)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [3.5])
 def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_cohort, tmp_path, eps):
     """SiteAlgo with privacy on: ε grows over rounds in one ledger, survives a restart, the site declines at the end."""

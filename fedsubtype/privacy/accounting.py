@@ -10,7 +10,6 @@ independent `dp-accounting` package in the tests.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,8 +167,3 @@ def make_plan(cfg: PrivacyConfig, *, n_train: int, batch_size: int, rounds: int,
     return PrivacyPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, rounds=rounds, delta=delta,
                        target_epsilon=target, max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant,
                        planned_epsilon=planned, epsilon_one_round=eps_one, affordable_rounds=affordable)
-
-
-def is_finite_budget(epsilon: float) -> bool:
-    """True for a real budget (ε = ∞ means 'no DP' in scenario tables)."""
-    return math.isfinite(epsilon)

@@ -27,10 +27,12 @@ _OVERRIDE_WORDS = ("privacy", "epsilon", "delta", "noise", "grad_norm", "grad-no
 def privacy_overrides(round_config: Mapping[str, Any]) -> list[str]:
     """Keys in a coordinator's round config that look like privacy settings; the site ignores them.
 
-    Flower's own site-level DP key `clipping_norm` (update clipping for server-side DP) is not a site
-    privacy setting and is not listed.
+    The site-level DP keys (Flower's `clipping_norm`, fedsubtype's `site-dp-clipping`) concern clipping a
+    site's whole update, not the site's own privacy settings, and are not listed.
     """
-    return sorted(k for k in round_config if k != "clipping_norm"
+    from .site_level import ROUND_KEY
+
+    return sorted(k for k in round_config if k not in ("clipping_norm", ROUND_KEY)
                   and any(w in str(k).lower() for w in _OVERRIDE_WORDS))
 
 
