@@ -114,28 +114,36 @@ def round_config(cfg: FederationConfig, run_id: str = "run") -> ConfigRecord:
     })
 
 
-def _site_results(replies: list[Message]) -> tuple[list[Message], list[SiteResult], list[str]]:
-    ok, results, failed = [], [], []
-    for msg in replies:
-        node = int(msg.metadata.src_node_id)
-        if msg.has_error():
-            failed.append(f"node {node}: {msg.error.reason}")
-            continue
-        name = str(msg.content["site"]["name"]) if "site" in msg.content.config_records else f"node-{node}"
-        metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()}
-        ok.append(msg)
-        results.append(SiteResult(name, node, metrics))
-    return ok, results, failed
+def _node_names(run_dir: Path) -> dict[int, str]:
+    """Registered node id -> site name (written by fedsubtype-server at registration), for readable logs."""
+    path = Path(run_dir) / "nodes.json"
+    try:
+        return {int(k): str(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError):
+        return {}
 
 
 def _phase(grid: Grid, cfg: FederationConfig, messages: list[Message], rnd: int, phase: str) -> tuple[RoundRecord, list[Message]]:
+    """Send one phase's messages, wait up to the round timeout, and sort replies into answers and failures."""
     t0 = time.perf_counter()
+    names = _node_names(cfg.run_dir)
     down = sum(m.content.array_records["arrays"].count_bytes() for m in messages if "arrays" in m.content.array_records)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s)) if messages else []
-    ok, results, failed = _site_results(replies)
-    answered_nodes = {int(m.metadata.src_node_id) for m in replies}
-    failed += [f"node {m.metadata.dst_node_id}: no answer within {cfg.round_timeout_s:g} s"
-               for m in messages if int(m.metadata.dst_node_id) not in answered_nodes]
+    target = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
+    ok, results, failed, seen = [], [], [], set()
+    for msg in replies:
+        node = target.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+        seen.add(node)
+        who = names.get(node, f"node {node}")
+        if msg.has_error():
+            failed.append(f"{who}: {msg.error.reason}")
+            continue
+        name = str(msg.content["site"]["name"]) if "site" in msg.content.config_records else who
+        metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()}
+        ok.append(msg)
+        results.append(SiteResult(name, node, metrics))
+    failed += [f"{names.get(n, f'node {n}')}: no answer within {cfg.round_timeout_s:g} s"
+               for n in target.values() if n not in seen]
     up = sum(r.count_bytes() for m in ok for r in m.content.array_records.values())
     record = RoundRecord(round=rnd, phase=phase, asked=len(messages), answered=results, failed=failed,
                          accepted=len(ok) >= cfg.min_sites, seconds=time.perf_counter() - t0,

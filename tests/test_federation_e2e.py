@@ -95,7 +95,7 @@ def test_three_sites_fedprox_tls_auth_then_evaluate(setup, procs, tmp_path):
 
 
 def test_a_site_killed_mid_run_does_not_stop_the_federation(setup, procs, tmp_path):
-    run_dir, port = _start(setup, procs, tmp_path, ALL_SITES, rounds=3, min_sites=2, round_timeout_s=90)
+    run_dir, port = _start(setup, procs, tmp_path, ALL_SITES, rounds=4, min_sites=2, round_timeout_s=90)
     state = tmp_path / "state-site3" / "logs" / "supernode.log"
     wait_until(lambda: state.is_file() and "train message" in state.read_text(errors="replace"), 400,
                "site3 to receive its first training message", procs)
@@ -105,11 +105,13 @@ def test_a_site_killed_mid_run_does_not_stop_the_federation(setup, procs, tmp_pa
     code = procs.wait("server", timeout=600)
     assert code == 0, procs.dump()
     train = _train_rounds(run_dir)
-    assert [r["round"] for r in train] == [1, 2, 3]
+    assert [r["round"] for r in train] == [1, 2, 3, 4]
     assert all(r["accepted"] for r in train), train
     answered = [sorted(a["site"] for a in r["answered"]) for r in train]
     assert "site3" not in answered[1], answered
     assert all(len(a) >= 2 for a in answered)
+    assert answered[-1] == ALL_SITES, answered  # the site rejoined
+    assert any("left out" in line for line in procs.text("server").splitlines())
     assert (run_dir / "model.pt").is_file()
 
 

@@ -134,20 +134,33 @@ def run(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + site.connect_timeout_s
     delay = 2.0
     while True:
-        proc, failure = _run_supernode(site, args.insecure, log_path, env)
-        if failure is None:
+        failure, stopped = _run_supernode(site, args.insecure, log_path, env)
+        if stopped:
             return 0
-        # The coordinator may still be registering keys when a site starts: retry a refused key until the deadline.
-        if "not registered" in failure.what and time.monotonic() + delay < deadline:
-            print(f"{PROG}: the SuperLink does not know this site's key yet; retrying in {delay:.0f} s", file=sys.stderr)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-            continue
-        raise failure
+        if failure is not None and "not registered" in failure.what:
+            # The coordinator may still be registering keys when a site (re)joins: retry until the deadline.
+            if time.monotonic() + delay < deadline:
+                print(f"{PROG}: the SuperLink does not know this site's key yet; retrying in {delay:.0f} s",
+                      file=sys.stderr)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            raise failure
+        if failure is not None and "certificate" in failure.what:
+            raise failure
+        # The SuperNode ended on its own: the SuperLink went away (coordinator stopped or crashed). Rejoin
+        # when it is back, for as long as reconnect_timeout_s allows (forever by default).
+        print(f"{PROG}: lost the SuperLink ({failure.what if failure else 'it closed the connection'}); "
+              "waiting for it to come back", file=sys.stderr, flush=True)
+        wait_for_port(host, port, retries=10**9,
+                      timeout_s=site.reconnect_timeout_s if site.reconnect_timeout_s is not None else float("inf"),
+                      say=lambda m: None)
+        deadline = time.monotonic() + site.connect_timeout_s
+        delay = 2.0
 
 
-def _run_supernode(site, insecure: bool, log_path: Path, env: dict) -> tuple[object, UserError | None]:
-    """Run the SuperNode until it exits; (process, None) for a normal end, else the reason as a UserError."""
+def _run_supernode(site, insecure: bool, log_path: Path, env: dict) -> tuple[UserError | None, bool]:
+    """Run the SuperNode until it exits: (reason it failed or None, whether the user stopped it)."""
     from ..flowerproc import start, stop
 
     offset = log_path.stat().st_size if log_path.is_file() else 0
@@ -161,14 +174,14 @@ def _run_supernode(site, insecure: bool, log_path: Path, env: dict) -> tuple[obj
             offset = _echo_new(log_path, offset)
     except KeyboardInterrupt:
         stop(proc)
-        print(f"site {site.name}: left the federation")
-        return proc, None
+        print(f"site {site.name}: left the federation", flush=True)
+        return None, True
     finally:
         stop(proc)
     _echo_new(log_path, offset)
-    if proc.returncode in (0, -signal.SIGTERM, 3):
-        return proc, None
-    return proc, classify_failure(_since(log_path, first))
+    if proc.returncode == 0:
+        return None, False
+    return classify_failure(_since(log_path, first)), False
 
 
 def _since(path: Path, offset: int) -> str:

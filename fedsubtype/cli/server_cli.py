@@ -292,6 +292,8 @@ def prepare_run(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..configio import atomic_write_text
+
     cfg, run_dir = prepare_run(args)
     app_dir = app_dir_for(cfg)
     if cfg.insecure:
@@ -301,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         coord.start_superlink()
         names = coord.register_sites()
+        atomic_write_text(run_dir / "nodes.json", json.dumps({str(k): v for k, v in names.items()}) + "\n")
         coord.wait_for_sites(names)
         print(f"submitting the run: {cfg.strategy}, {cfg.rounds} round(s), run folder {run_dir}")
         code = coord.submit(app_dir)
