@@ -79,3 +79,26 @@ def test_given_noise_that_covers_only_some_rounds_is_planned_and_said():
     spent = epsilon_for([(1.0, plan.sample_rate, plan.affordable_rounds * plan.steps_per_round)], plan.delta)
     over = epsilon_for([(1.0, plan.sample_rate, (plan.affordable_rounds + 1) * plan.steps_per_round)], plan.delta)
     assert spent <= 6.0 < over
+
+
+def _site_with_manifest(tmp_path, privacy, cases=20):
+    from fedsubtype.site_config import SiteConfig
+
+    rows = ["case_id,image,mask,site,er,pr,her2,ki67"]
+    rows += [f"c{i},img{i}.nii.gz,mask{i}.nii.gz,A,1,0,1,20" for i in range(cases)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return SiteConfig(name="a", manifest=tmp_path / "manifest.csv", privacy=privacy)
+
+
+def test_site_startup_line_checks_privacy_from_the_manifest_table_alone(tmp_path):
+    from fedsubtype.privacy.site import site_startup_line
+
+    # the images named in the manifest do not even exist: nothing but the table is read
+    bad = _site_with_manifest(tmp_path, PrivacyConfig(enabled=True, target_epsilon=8, delta=0.1, accountant="rdp"))
+    with pytest.raises(ConfigError, match="not below 1/n"):
+        site_startup_line(bad)
+    good = _site_with_manifest(tmp_path, PrivacyConfig(enabled=True, target_epsilon=8, accountant="rdp"))
+    line = site_startup_line(good)
+    assert line.startswith("privacy: DP-SGD") and "budget ε = 8" in line and "\n" not in line
+    off = _site_with_manifest(tmp_path, PrivacyConfig())
+    assert "disabled" in site_startup_line(off)

@@ -60,7 +60,9 @@ def startup_check(cfg: PrivacyConfig, *, n_train: int, batch_size: int, rounds: 
         return "privacy: DP-SGD disabled (this site gives no formal privacy guarantee)"
     plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, rounds=rounds or cfg.rounds or 1,
                      local_epochs=local_epochs, where=where)
-    return f"privacy: {plan.summary()}"
+    note = "" if rounds or cfg.rounds else (" (shown for one round: σ is planned over the run's rounds when the "
+                                            "coordinator announces them)")
+    return f"privacy: {plan.summary()}{note}"
 
 
 class SitePrivacy:
