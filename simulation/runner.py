@@ -225,9 +225,11 @@ def plan_study(scen: Scenario, say: Callable[[str], None] = print) -> list[RunKe
 def report_only(scen: Scenario, say: Callable[[str], None] = print) -> Path:
     """Rebuild results.csv and report.md from the finished runs."""
     root = Path(scen.output_dir)
+    dump_yaml(scen, root / "scenario.resolved.yaml")
     records, partitions = [], {}
     for setting, sub, cohort in _setting_cohorts(scen, say, warm=False):
         partitions[setting] = cohort.partition
+        cohort.partition.write_csv(root / _partition_name(setting))
         records += [r for key in plan_runs(sub, setting, cohort.partition.internal_sites())
                     if (r := load_record(key, root)) is not None]  # whatever finished; hashes are in the table
     write_results_csv(records, root / "results.csv")

@@ -240,6 +240,9 @@ def load_scenario(path: str | os.PathLike, overrides: dict[str, Any] | None = No
     if "name" not in data:
         data["name"] = path.stem
     scen = from_dict(Scenario, data, where)  # validates every section (their validate() methods)
-    scen.settings()
+    from fedsubtype.privacy import PrivacyConfig
+
+    for label, sub in scen.settings():
+        from_dict(PrivacyConfig, dict(sub.privacy), f"{where}:privacy ({label})")
     _check_sub_configs(scen, where)
     return scen

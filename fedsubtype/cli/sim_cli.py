@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 from .. import __version__
 from . import run_guarded
 
@@ -39,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_terminal(verbose: bool) -> None:
+    """Show the harness's warnings (e.g. a site without a positive case); Flower keeps its own handler."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("simulation")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
 def _run(args: argparse.Namespace) -> int:
     from simulation.scenario import load_scenario
 
@@ -49,8 +61,6 @@ def _run(args: argparse.Namespace) -> int:
             from fedsubtype.errors import UserError
 
             raise UserError(f"--set {item!r} is not KEY=VALUE", "e.g. --set federation.budget_epochs=4", where="--set")
-        import yaml
-
         overrides[key.strip()] = yaml.safe_load(raw)
     if args.seeds:
         overrides["seeds"] = args.seeds
@@ -69,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
                         or any(label in args.methods for label, _ in m.variants())]
     if args.ray_address:
         scen.ray.address = args.ray_address
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _log_to_terminal(args.verbose)
     from simulation.runner import plan_study, report_only, run_study
 
     if args.plan:
