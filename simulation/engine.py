@@ -25,6 +25,17 @@ from .scenario import Scenario
 
 SITE_CONFIG_KEY = "site-config"  # the node-config key client/client_app.py reads
 PARTITION_ID_KEY = "partition-id"  # what Flower's simulation engine puts in each virtual node's config
+RAY_START_ATTEMPTS = 3
+
+
+def _ray_start_timeout(exc: BaseException) -> bool:
+    """True when the engine failed because Ray's node did not come up in time (an overloaded machine)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "timed out during startup" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class SiteNodeClientApp:
@@ -151,13 +162,20 @@ def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], i
     say(f"  Flower simulation engine: {len(sites)} virtual SuperNodes ({', '.join(sites)}), {cfg.rounds} rounds of "
         f"{cfg.strategy}{' + local norm' if cfg.local_norm else ''}" + (" (resuming)" if resume else ""))
     _quiet_engine(verbose)
-    try:
-        run_simulation(server_app=RunConfigServerApp(server_app, {"run-dir": str(run_dir)}),
-                       client_app=SiteNodeClientApp(client_app, node_configs),
-                       num_supernodes=len(sites), backend_config=backend_config(scen), verbose_logging=verbose)
-    except (RuntimeError, SystemExit) as exc:
-        raise UserError(f"the federated run failed ({exc})", "rerun with -v to see the engine's log",
-                        where=str(folder)) from None
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            run_simulation(server_app=RunConfigServerApp(server_app, {"run-dir": str(run_dir)}),
+                           client_app=SiteNodeClientApp(client_app, node_configs),
+                           num_supernodes=len(sites), backend_config=backend_config(scen), verbose_logging=verbose)
+            break
+        except (RuntimeError, SystemExit) as exc:
+            if _ray_start_timeout(exc) and attempt < RAY_START_ATTEMPTS:
+                say(f"  Ray did not start within its 30 s limit (busy machine); retry {attempt}/{RAY_START_ATTEMPTS - 1}")
+                atomic_write_text(run_dir / "launch.json", json.dumps(
+                    {"federation": to_dict(cfg), "resume": (run_dir / "checkpoints" / "latest.json").is_file()}, indent=1))
+                continue
+            raise UserError(f"the federated run failed ({exc})", "rerun with -v to see the engine's log",
+                            where=str(folder)) from None
     model_path = run_dir / "model.pt"
     if not model_path.is_file():
         raise UserError("the federation finished without a final model", "rerun with -v to see the engine's log",
