@@ -163,3 +163,21 @@ def test_dp_loss_gives_each_case_a_gradient_independent_of_other_cases_labels():
     out = {"logits": torch.zeros(2, 3), "ki67": torch.zeros(2)}
     labels, present = torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool)
     assert float(dp_loss(out, labels, present)[0]) == pytest.approx(float(default_loss(out, labels, present)[0]))
+
+
+def test_every_poisson_draw_is_either_a_batch_or_a_noise_only_step():
+    """Small q on a small site: empty draws (even the first) are noise-only steps, never dropped or crashing."""
+    cfg = PrivacyConfig(enabled=True, target_epsilon=50.0, noise_multiplier=1.0, accountant="rdp")
+    plan = make_plan(cfg, n_train=16, batch_size=1, rounds=1)  # q = 1/16: P(empty draw) ≈ 0.36
+    assert plan.steps_per_round == 16
+    empties_seen = 0
+    for seed in range(4):
+        hook = OpacusPrivacy(plan, seed=seed)
+        model = build_model(TINY)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        _, _, loader = hook.make_private(model, opt, torch.utils.data.DataLoader(TinyCases(16), batch_size=1))
+        batches = list(loader)
+        assert all(isinstance(b, dict) and b["image"].shape[0] > 0 and "case_id" not in b for b in batches)
+        assert len(batches) + hook.steps == 16  # noise-only steps were taken for the empty draws
+        empties_seen += hook.steps
+    assert empties_seen > 0

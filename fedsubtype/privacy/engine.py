@@ -60,8 +60,13 @@ def _tensors_only(collate):
 
 
 def _is_empty(batch: Any) -> bool:
-    image = batch.get("image") if isinstance(batch, dict) else None
-    return isinstance(image, torch.Tensor) and image.shape[0] == 0
+    """An empty Poisson draw: a dict with a 0-row image, or (when the very first draw is empty) Opacus' list."""
+    if isinstance(batch, dict):
+        image = batch.get("image")
+        return isinstance(image, torch.Tensor) and image.shape[0] == 0
+    if isinstance(batch, (list, tuple)):
+        return all(isinstance(t, torch.Tensor) and t.shape[0] == 0 for t in batch)
+    return False
 
 
 class _CappedPoissonLoader:
