@@ -17,7 +17,8 @@ import pytest
 from fedutil import (BIN, Procs, client_cmd, free_port, manifest_of, rounds, server_cmd, site_names, wait_until,
                      write_federation, write_site)
 
-pytestmark = pytest.mark.slow
+# Real processes on two shared CPU cores: a run takes minutes, so the per-test limit is raised.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 ALL_SITES = ["site1", "site2", "site3"]
 
 
@@ -95,20 +96,20 @@ def test_three_sites_fedprox_tls_auth_then_evaluate(setup, procs, tmp_path):
 
 
 def test_a_site_killed_mid_run_does_not_stop_the_federation(setup, procs, tmp_path):
-    run_dir, port = _start(setup, procs, tmp_path, ALL_SITES, rounds=4, min_sites=2, round_timeout_s=90)
+    run_dir, port = _start(setup, procs, tmp_path, ALL_SITES, rounds=3, min_sites=2, round_timeout_s=90)
     state = tmp_path / "state-site3" / "logs" / "supernode.log"
     wait_until(lambda: state.is_file() and "train message" in state.read_text(errors="replace"), 400,
                "site3 to receive its first training message", procs)
     procs.kill("site3")  # crash: the client and its SuperNode die mid-round
-    wait_until(lambda: len(_train_rounds(run_dir)) >= 2, 500, "round 2 to finish without site3", procs)
+    wait_until(lambda: len(_train_rounds(run_dir)) >= 1, 500, "round 1 to finish without site3", procs)
     start_site(setup, procs, tmp_path, "site3", port, name="site3-again")  # the site comes back
     code = procs.wait("server", timeout=600)
     assert code == 0, procs.dump()
     train = _train_rounds(run_dir)
-    assert [r["round"] for r in train] == [1, 2, 3, 4]
+    assert [r["round"] for r in train] == [1, 2, 3]
     assert all(r["accepted"] for r in train), train
     answered = [sorted(a["site"] for a in r["answered"]) for r in train]
-    assert "site3" not in answered[1], answered
+    assert "site3" not in answered[0], answered  # killed mid-round: that round completed without it
     assert all(len(a) >= 2 for a in answered)
     assert answered[-1] == ALL_SITES, answered  # the site rejoined
     assert any("left out" in line for line in procs.text("server").splitlines())
