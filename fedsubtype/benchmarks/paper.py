@@ -80,10 +80,14 @@ def _stratum(labels: np.ndarray) -> np.ndarray:
 
 
 def external_folds(labels: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
-    """Indices of `n_folds` stratified folds (by ER, the most balanced task) of the external cases."""
+    """Indices of `n_folds` stratified folds (by ER, the most balanced task) of the external cases
+    (fewer folds when the site has fewer cases)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     er = np.nan_to_num(labels[:, 0], nan=9).astype(int)
+    n_folds = min(n_folds, len(er))
+    if n_folds < 2:
+        return [np.arange(len(er))]
     counts = np.bincount(er)
     splitter = (StratifiedKFold(n_folds, shuffle=True, random_state=seed)
                 if counts[counts > 0].min() >= n_folds else KFold(n_folds, shuffle=True, random_state=seed))
@@ -278,9 +282,18 @@ def _delong_rows(preds: dict[str, Predictions], seed: int) -> list[dict[str, Any
             if len(np.unique(y[ok])) < 2:
                 continue
             res = delong_test(y[ok].astype(int), full.probs[ok, j], p.probs[ok, j])
+            if res.get("p") is None:  # undefined, e.g. a single case of one class
+                continue
             rows.append({"seed": seed, "row": row, "task": task, "auc_full": res["auc1"], "auc_row": res["auc2"],
                          "z": res["z"], "p": res["p"]})
     return rows
+
+
+def _external_avg(folds: list[dict[str, Any]]) -> float | None:
+    """Mean over tasks of the per-task mean fold AUC (tasks without a defined AUC left out)."""
+    task_means = [_mean_sd([_auc(f, t) for f in folds])[0] for t in CLASSIFICATION_TASKS]
+    finite = [v for v in task_means if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else None
 
 
 def _table(bench: PaperBenchmark, per_seed: dict[str, list[dict[str, Any]]],
@@ -298,8 +311,7 @@ def _table(bench: PaperBenchmark, per_seed: dict[str, list[dict[str, Any]]],
             ps = [d["p"] for d in delong_rows if d["row"] == row and d["task"] == task]
             entry[f"delong_p_{task}"] = float(np.median(ps)) if ps else None
         entry["avg"] = _mean_sd([m.get("mean_auc") for m in ms])
-        entry["external_avg"] = _mean_sd([float(np.nanmean([entry_[0] for entry_ in [
-            _mean_sd([_auc(f, t) for f in folds]) for t in CLASSIFICATION_TASKS]])) for folds in per_seed_ext[row]])
+        entry["external_avg"] = _mean_sd([_external_avg(folds) for folds in per_seed_ext[row]])
         entry["ki67_mae"] = _mean_sd([m.get("ki67", {}).get("mae") for m in ms])
         rows[row] = entry
     if oracle_rows:
@@ -332,7 +344,7 @@ def _write_outputs(bench: PaperBenchmark, table: dict[str, Any], delong_rows: li
         "> Phantom results are engineering evidence, never clinical claims.",
         "",
         f"Internal: {n_int} cases (7:1:2 split per seed); external: {n_ext} cases from site `{ext_site}` "
-        f"(never trained on; mean over {bench.external_folds} stratified folds). Seeds: {table['seeds']}; "
+        f"(never trained on; mean over up to {bench.external_folds} stratified folds). Seeds: {table['seeds']}; "
         "mean ± sd over seeds. DeLong p: full model vs the row on the internal test split (median over seeds).",
         "",
         "## Internal test split (AUC)",
