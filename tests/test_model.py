@@ -145,6 +145,7 @@ def test_only_groupnorm_and_opacus_compatible(variant: str) -> None:
     assert not any("BatchNorm" in k or "InstanceNorm" in k for k in kinds)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_opacus_per_sample_gradients_for_every_parameter() -> None:
     model = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0)
     gsm = GradSampleModule(model)
