@@ -4,7 +4,7 @@ Layout::
 
     federation.json            the validated federation config the run was started with
     rounds.json                every round: sites asked / answered / failed, per-site and aggregated metrics, bytes
-    metrics_per_round.csv      one row per round and phase (train / evaluate): aggregated metrics
+    metrics_per_round.csv      one row per round and phase (train / evaluate): wall_s of the phase, bytes, aggregated metrics
     metrics_per_site.csv       one row per round, phase and site: that site's aggregate metrics
     checkpoints/round_NNN.pt   global weights, round, strategy state (torch, tensors + plain data only)
     checkpoints/latest.json    which checkpoint is the newest complete one
@@ -102,7 +102,7 @@ class RunStore:
         for r in self.records:
             agg_rows.append({"round": r["round"], "phase": r["phase"], "accepted": r["accepted"], "asked": r["asked"],
                              "answered": len(r["answered"]), "sites": ";".join(a["site"] for a in r["answered"]),
-                             "failed": len(r["failed"]), "seconds": r["seconds"], "bytes_down": r["bytes_down"],
+                             "failed": len(r["failed"]), "wall_s": r["seconds"], "bytes_down": r["bytes_down"],
                              "bytes_up": r["bytes_up"], **(r["aggregated"] or {})})
             for a in r["answered"]:
                 site_rows.append({"round": r["round"], "phase": r["phase"], "site": a["site"], **a["metrics"]})
