@@ -103,3 +103,11 @@ def test_pos_weight_from_labels() -> None:
     assert pos_weight_from_labels(labels, max_weight=1.5) == pytest.approx([1 / 1.5, 1.5, 1.0])
     with pytest.raises(ValueError, match="labels"):
         pos_weight_from_labels(np.zeros(4))
+
+
+def test_per_case_normalisation_for_dp_sgd() -> None:
+    present = torch.tensor([[True, False, True, False], [True, True, False, True]])
+    loss, _ = JointLoss(per_case=True)(_outputs(LOGITS, KI67), LABELS, present)
+    case1 = _bce(0.0, 1) + _bce(-1.0, 1)
+    case2 = _bce(1.5, 0) + _bce(-0.5, 1) + (0.10 - 0.10) ** 2
+    assert loss.item() == pytest.approx((case1 + case2) / 2, rel=1e-6)
