@@ -8,6 +8,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup run test bench clean
 
+# Idle OpenMP threads sleep instead of spinning: several torch processes (a federation's sites, a
+# simulation's workers) share the cores without stealing them from each other.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 setup: $(STAMP)
 
 # torch is pinned first so pip takes the CPU build on this machine's pip path
