@@ -109,3 +109,16 @@ def test_coordinator_privacy_keys_are_recognised():
 def test_disabled_privacy_has_no_site_privacy(tmp_path):
     assert SitePrivacy.start(PrivacyConfig(), site="a", n_train=10, batch_size=8, rounds=3, run_id="r",
                              state_dir=tmp_path) is None
+
+
+def test_two_processes_of_one_site_extend_one_history(tmp_path):
+    """Two ledger objects on one file (e.g. two simulation workers) never lose each other's rounds."""
+    path = tmp_path / "ledger.json"
+    a = PrivacyLedger(path, "run-1", delta=1e-5, target_epsilon=8.0, accountant="rdp")
+    b = PrivacyLedger(path, "run-1", delta=1e-5, target_epsilon=8.0, accountant="rdp")
+    a.record(1, [(1.1, Q, 16)])
+    b.record(2, [(1.1, Q, 16)])  # b was opened before round 1 was written
+    a.record(3, [(1.1, Q, 16)])
+    assert [r["round"] for r in a.rounds] == [1, 2, 3]
+    assert a.history == b.history == [(1.1, Q, 48)]
+    assert a.spent() == pytest.approx(epsilon_for([(1.1, Q, 48)], 1e-5, "rdp"))

@@ -36,7 +36,10 @@ def check_model(model: nn.Module, where: str = "model") -> None:
     """
     from opacus.validators import ModuleValidator
 
+    was_training = model.training
+    model.train()  # judge the layers, not the mode the model happens to be in
     problems = ModuleValidator.validate(model, strict=False)
+    model.train(was_training)
     if problems:
         first = str(problems[0]).strip().splitlines()[0]
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -116,6 +119,7 @@ class OpacusPrivacy:
         from opacus import PrivacyEngine
         from opacus.data_loader import DPDataLoader
 
+        model.train()  # Opacus wraps modules in training mode (the model may come back from eval)
         check_model(model)
         logging.getLogger("opacus").setLevel(logging.ERROR)
         sampling = torch.Generator().manual_seed(self.seed)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from typing import Any
 from ..configio import atomic_write_text
 from ..errors import ConfigError
 from .accounting import Entry, epsilon_for
+
+try:  # POSIX file locks; elsewhere a single site process is assumed
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 
@@ -36,28 +42,44 @@ def _compact(history: Sequence[Entry]) -> list[Entry]:
     return out
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock on `<ledger>.lock` so processes of one site (e.g. simulation workers) never interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 class PrivacyLedger:
-    """Persistent (σ, q, steps) history of one site for one federation run, with its ε at a fixed δ."""
+    """Persistent (σ, q, steps) history of one site for one federation run, with its ε at a fixed δ.
+
+    The file is the single source of truth: every read re-reads it and every write is a locked
+    read-modify-write, so several processes serving the same site (a restarted site, simulation
+    workers) always see and extend one history.
+    """
 
     def __init__(self, path: str | os.PathLike, run_id: str, *, delta: float, accountant: str = "prv",
                  target_epsilon: float = math.inf, site: str = "") -> None:
         self.path = Path(path)
         self.run_id = str(run_id)
-        self._doc = self._read()
-        run = self._doc["runs"].get(self.run_id)
-        if run is None:
-            run = {"site": site, "delta": delta, "accountant": accountant, "target_epsilon": target_epsilon,
-                   "created": _now(), "history": [], "rounds": []}
-            self._doc["runs"][self.run_id] = run
-        else:
+        self._new_run = {"site": site, "delta": delta, "accountant": accountant, "target_epsilon": target_epsilon,
+                         "created": _now(), "history": [], "rounds": []}
+        run = self._read()["runs"].get(self.run_id)
+        if run is not None:
             for key, now in (("delta", delta), ("accountant", accountant)):
                 if run[key] != now:
                     raise ConfigError(f"the privacy ledger of run '{self.run_id}' was started with {key} = "
                                       f"{run[key]!r}, site.yaml now says {now!r}",
                                       f"restore {key} to {run[key]!r} (ε must be stated at one δ for the whole run)",
                                       where=str(self.path))
-            run["target_epsilon"] = target_epsilon
-        self._run = run
+        self._target = float(target_epsilon)
+        self._delta, self._accountant = float(delta), str(accountant)
 
     def _read(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -73,37 +95,57 @@ class PrivacyLedger:
                               where=str(self.path))
         return doc
 
+    def _run(self) -> dict[str, Any]:
+        """This run's record as it is on disk now (an empty one before the first write)."""
+        return self._read()["runs"].get(self.run_id) or dict(self._new_run)
+
+    def _update(self, change: Any) -> dict[str, Any]:
+        """Locked read-modify-write of this run's record; returns the record written."""
+        with _locked(self.path):
+            doc = self._read()
+            run = doc["runs"].setdefault(self.run_id, dict(self._new_run))
+            run["target_epsilon"] = self._target
+            change(run)
+            atomic_write_text(self.path, json.dumps(doc, indent=1))
+            return run
+
     @property
     def delta(self) -> float:
-        return float(self._run["delta"])
+        return self._delta
 
     @property
     def accountant(self) -> str:
-        return str(self._run["accountant"])
+        return self._accountant
 
     @property
     def target_epsilon(self) -> float:
-        return float(self._run["target_epsilon"])
+        return self._target
 
     @property
     def plan(self) -> dict[str, Any] | None:
         """The plan this run was started with (kept so a restarted site uses the same σ)."""
-        return self._run.get("plan")
+        return self._run().get("plan")
 
-    def save_plan(self, plan: dict[str, Any]) -> None:
-        """Store the run's plan (atomically, with the history)."""
-        self._run["plan"] = dict(plan)
-        atomic_write_text(self.path, json.dumps(self._doc, indent=1))
+    def save_plan(self, plan: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
+        """Store the run's plan; without `replace` an already stored plan wins (another process planned first).
+
+        Returns the plan stored.
+        """
+        def put(run: dict[str, Any]) -> None:
+            if replace or "plan" not in run:
+                run["plan"] = dict(plan)
+
+        return dict(self._update(put)["plan"])
 
     @property
     def history(self) -> list[Entry]:
         """The composed (σ, q, steps) history of this run."""
-        return [(float(s), float(q), int(t)) for s, q, t in self._run["history"]]
+        return [(float(s), float(q), int(t)) for s, q, t in self._run()["history"]]
 
     @property
     def rounds(self) -> list[dict[str, Any]]:
         """One record per trained round: round, steps, σ, q, ε after it, time."""
-        return list(self._run["rounds"])
+        return list(self._run()["rounds"])
 
     @property
     def steps(self) -> int:
@@ -122,19 +164,24 @@ class PrivacyLedger:
         return self.epsilon_if(extra) <= self.target_epsilon
 
     def record(self, server_round: int, entries: Sequence[Entry]) -> float:
-        """Append the steps one round actually took, write the file atomically, and return ε after it."""
+        """Append the steps one round actually took (locked, atomic write) and return ε after it."""
         entries = _compact(entries)
-        history = _compact(self.history + entries)
-        eps = epsilon_for(history, self.delta, self.accountant)
-        self._run["history"] = [list(e) for e in history]
-        self._run["rounds"].append({"round": int(server_round), "steps": sum(t for _, _, t in entries),
-                                    "entries": [list(e) for e in entries], "epsilon_after": eps, "time": _now()})
-        atomic_write_text(self.path, json.dumps(self._doc, indent=1))
-        return eps
+        result: dict[str, float] = {}
+
+        def append(run: dict[str, Any]) -> None:
+            history = _compact([tuple(e) for e in run["history"]] + entries)
+            result["eps"] = epsilon_for(history, self.delta, self.accountant)
+            run["history"] = [list(e) for e in history]
+            run["rounds"].append({"round": int(server_round), "steps": sum(t for _, _, t in entries),
+                                  "entries": [list(e) for e in entries], "epsilon_after": result["eps"],
+                                  "time": _now()})
+
+        self._update(append)
+        return result["eps"]
 
     def epsilon_all_runs(self) -> float:
         """ε over every run in this file composed together at this run's δ (the site's lifetime figure)."""
-        history = [tuple(e) for run in self._doc["runs"].values() for e in run["history"]]
+        history = [tuple(e) for run in self._read()["runs"].values() for e in run["history"]]
         return epsilon_for(_compact(history), self.delta, self.accountant)
 
 

@@ -99,7 +99,8 @@ class SitePrivacy:
         else:
             plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, rounds=cfg.rounds or rounds,
                              local_epochs=local_epochs, steps_per_round=max_steps, where=where)
-            ledger.save_plan(dataclasses.asdict(plan))
+            # a changed site.yaml re-plans; otherwise a plan stored meanwhile by another process wins
+            plan = PrivacyPlan(**ledger.save_plan(dataclasses.asdict(plan), replace=saved is not None))
         return cls(plan, ledger, run_id=run_id, seed=seed)
 
     def summary(self) -> str:
