@@ -17,6 +17,9 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
+
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a ConfigError."""
@@ -143,10 +146,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should follow the user's umask
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should follow the user's umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
