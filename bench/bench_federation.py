@@ -137,7 +137,7 @@ def main() -> int:
 
     root = args.out.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    manifest = args.manifest
+    manifest = args.manifest.resolve() if args.manifest is not None else None
     if manifest is None:
         from fedsubtype.phantom import generate_cohort
 
