@@ -86,7 +86,8 @@ def run_attention_benchmark(model_path: Path, manifest: Path, out: Path, *, case
     if not latents_csv.is_file():
         raise UserError("latents.csv not found next to the manifest",
                         "this check needs a phantom cohort written by `fedsubtype phantom`", where=str(manifest))
-    latents = {r["case_id"]: {k: float(v) for k, v in r.items() if k not in ("case_id", "site") and v not in ("", None)}
+    wanted_latents = {latent for latent, _ in EVIDENCE}
+    latents = {r["case_id"]: {k: float(v) for k, v in r.items() if k in wanted_latents and v not in ("", None)}
                for r in csv.DictReader(open(latents_csv))}
     cases = read_manifest(manifest)
     if case_ids is not None:
