@@ -121,3 +121,23 @@ def test_model_card_from_a_trained_model(trained_model, tmp_path):
     text = out.read_text()
     assert "Research use only" in text and "not a clinical model" in text
     assert "| ER |" in text and "Training" in text and "ε = ∞" in text
+
+
+def test_attention_evidence_check_on_the_phantom(trained_model, phantom_cohort, tmp_path):
+    out = tmp_path / "attention"
+    assert main(["benchmark", "attention", "--model", str(trained_model), "--manifest", str(phantom_cohort),
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "attention_per_case.csv")))
+    assert len(rows) == len(read_manifest(phantom_cohort))
+    for r in rows:
+        shares = [float(r[f"share_{k}"]) for k in ("core", "rim", "peritumoral", "elsewhere")]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) >= 0
+    md = (out / "attention_evidence.md").read_text()
+    assert "| oedema | peritumoral |" in md and "| necrosis | core |" in md
+
+
+def test_attention_check_needs_a_phantom(trained_model, tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("case_id,image,mask,site,er,pr,her2,ki67\n")
+    assert main(["benchmark", "attention", "--model", str(trained_model), "--manifest", str(manifest)]) == 1
+    assert "latents.csv not found" in capsys.readouterr().err
