@@ -117,6 +117,16 @@ def backend_config(scen: Scenario) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": ray.client_cpus, "num_gpus": ray.client_gpus}, "init_args": init_args}
 
 
+def _trained_rounds(run_dir: Path) -> tuple[int, list[str]]:
+    """(rounds whose training was accepted, why the others were not) from the ServerApp's rounds.json."""
+    path = run_dir / "rounds.json"
+    if not path.is_file():
+        return 0, []
+    records = [r for r in json.loads(path.read_text(encoding="utf-8")) if r["phase"] == "train"]
+    failed = [f"round {r['round']}: {(r['failed'] or ['too few sites answered'])[0]}" for r in records if not r["accepted"]]
+    return sum(1 for r in records if r["accepted"]), failed
+
+
 def _history(run_dir: Path, local_epochs: int) -> tuple[list[dict[str, Any]], int]:
     """Per-round history (aggregated validation metrics, training loss) and training samples seen."""
     path = run_dir / "rounds.json"
@@ -154,6 +164,11 @@ def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], i
 
     folder.mkdir(parents=True, exist_ok=True)
     run_dir = (folder / "server").resolve()
+    if _trained_rounds(run_dir)[1]:  # an earlier attempt had rounds nobody trained: never resume from those
+        import shutil
+
+        shutil.rmtree(folder)
+        folder.mkdir(parents=True)
     cfg = federation_config(key, scen, len(sites), run_dir, cohort)
     cfg.validate("scenario federation")
     resume = (run_dir / "checkpoints" / "latest.json").is_file()
@@ -176,6 +191,12 @@ def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], i
                 continue
             raise UserError(f"the federated run failed ({exc})", "rerun with -v to see the engine's log",
                             where=str(folder)) from None
+    trained, failed = _trained_rounds(run_dir)
+    if trained < cfg.rounds:
+        why = failed[0] if failed else "no round record"
+        raise UserError(f"only {trained} of {cfg.rounds} rounds were trained ({why})",
+                        "rerun the study (finished runs are kept); with -v the engine's log shows why sites did not answer",
+                        where=str(folder))
     model_path = run_dir / "model.pt"
     if not model_path.is_file():
         raise UserError("the federation finished without a final model", "rerun with -v to see the engine's log",

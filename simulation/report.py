@@ -142,11 +142,12 @@ def targets(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             fed = mean_sd([run_value(r, POOLED, "mean_auc") for r in runs])[0]
             ratio = fed / pooled if math.isfinite(pooled) and pooled > 0 else float("nan")
             gain = fed - local if math.isfinite(local) else float("nan")
-            met = (not math.isfinite(ratio) or ratio >= 0.97) and (not math.isfinite(gain) or gain >= 0.05)
+            met: bool | None = (ratio >= 0.97 and gain >= 0.05) if math.isfinite(ratio) and math.isfinite(gain) else None
             out.append({"setting": setting, "method": method, "fed": fed, "pooled": pooled, "ratio": ratio,
                         "local": local, "gain": gain, "met": met})
+            verdict = "n/a (a baseline was not run)" if met is None else ("yes" if met else "no")
             lines.append(f"| {setting} | {method} | {fed:.3f} | {pooled:.3f} | {ratio:.3f} | {local:.3f} | {gain:+.3f} | "
-                         f"{'yes' if met else 'no'} |")
+                         f"{verdict} |")
     return "\n".join(lines), out
 
 
@@ -193,8 +194,8 @@ def loso_table(records: list[dict[str, Any]], root: Path | None = None) -> tuple
     """Leave-one-site-out: each held-out site's test split scored by the model that never saw the site,
     against the all-sites model of the same seed; drop = all-sites − held-out. 95 % CI: t-interval over
     seeds when there are several, else a paired bootstrap over the site's test cases."""
-    lines = ["| setting | method | held-out site | AUC, site in training | AUC, site unseen | drop | 95 % CI of drop |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | method | held-out site | test cases | AUC, site in training | AUC, site unseen | drop | 95 % CI of drop |",
+             "|---|---|---|---|---|---|---|---|"]
     rows = []
     for setting in _settings(records):
         for method in _methods(records):
@@ -224,9 +225,19 @@ def loso_table(records: list[dict[str, Any]], root: Path | None = None) -> tuple
                 ci = f"[{lo:+.3f}, {hi:+.3f}] ({how})" if math.isfinite(lo) else "n/a"
                 rows.append({"setting": setting, "method": method, "site": site, "drop": m, "lo": lo, "hi": hi,
                              "with": mean_sd(with_site)[0], "without": mean_sd(without)[0]})
-                lines.append(f"| {setting} | {method} | {site} | {fmt(with_site)} | {fmt(without)} | "
-                             f"{m:+.3f} | {ci} |" if n else f"| {setting} | {method} | {site} | – | {fmt(without)} | – | – |")
+                cases = _site_cases(pairs[0][1] if pairs else None, site)
+                lines.append(f"| {setting} | {method} | {site} | {cases} | {fmt(with_site)} | {fmt(without)} | "
+                             f"{m:+.3f} | {ci} |" if n else f"| {setting} | {method} | {site} | {cases} | – | {fmt(without)} | – | – |")
     return "\n".join(lines), rows
+
+
+def _site_cases(rec: dict[str, Any] | None, site: str) -> str:
+    """How many test cases a site's scores rest on (largest per-task count)."""
+    if rec is None:
+        return "–"
+    m = rec["evaluations"][0]["metrics"].get(site) or {}
+    counts = [int((m.get(t) or {}).get("n") or 0) for t in (*CLASSIFICATION_TASKS, "ki67")]
+    return str(max(counts)) if counts else "–"
 
 
 def label_table(partitions: dict[str, Any]) -> str:
