@@ -17,10 +17,11 @@ from flwr.clientapp import ClientApp
 from fedsubtype.errors import UserError
 from fedsubtype.federated import SiteAlgo
 from fedsubtype.privacy.site import PrivacyBudgetExhausted
+from fedsubtype.privacy.site_level import site_level_clipping_mod
 from fedsubtype.site_config import load_site_config
 
 SITE_CONFIG_KEY = "site-config"
-app = ClientApp()
+app = ClientApp(mods=[site_level_clipping_mod])  # a pass-through unless the round asks for site-level clipping
 _ALGOS: dict[str, SiteAlgo] = {}
 _log = logging.getLogger("fedsubtype.site")
 

@@ -11,6 +11,7 @@ from .configio import from_dict, load_yaml
 from .errors import ConfigError
 from .model import ModelConfig
 from .preprocess import PreprocessConfig
+from .privacy.site_level import SiteLevelDPConfig
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
@@ -72,6 +73,8 @@ class FederationConfig:
     """FedBN-style: GroupNorm affine parameters stay local at each site (see docs/federation.md)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    site_level_dp: SiteLevelDPConfig = field(default_factory=SiteLevelDPConfig)
+    """Site-level DP at the coordinator (Flower's clipping wrappers; see docs/privacy.md). Off by default."""
     host: str = "127.0.0.1"
     """Interface the SuperLink listens on (0.0.0.0 for other machines)."""
     port: int = 9092

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 from fedsubtype import __version__
 from fedsubtype.configio import from_dict, to_dict
 from fedsubtype.federation_config import FederationConfig
+from fedsubtype.privacy.site_level import round_config_entries, wrap_strategy
 from fedsubtype.runstore import RoundRecord, RunStore, SiteResult
 
 app = ServerApp()
@@ -76,19 +77,20 @@ def load_federation(context: Context) -> tuple[FederationConfig, bool]:
     return cfg, False
 
 
-def make_strategy(cfg: FederationConfig) -> FedAvg:
-    """The configured strategy; sampling waits for `min_sites` connected sites."""
+def make_strategy(cfg: FederationConfig):
+    """The configured strategy (wrapped for site-level DP when enabled); sampling waits for `min_sites` sites."""
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=cfg.min_sites,
                   min_evaluate_nodes=cfg.min_sites, min_available_nodes=cfg.min_sites,
                   train_metrics_aggr_fn=nan_aware_mean, evaluate_metrics_aggr_fn=nan_aware_mean)
-    if cfg.strategy == "fedavg":
-        return FedAvg(**common)
     if cfg.strategy == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
-    opt = dict(eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau)
-    if cfg.strategy == "fedadam":
-        return FedAdam(**opt, **common)
-    return FedYogi(**opt, **common)
+        base = FedProx(proximal_mu=cfg.proximal_mu, **common)
+    elif cfg.strategy == "fedavg":
+        base = FedAvg(**common)
+    elif cfg.strategy == "fedadam":
+        base = FedAdam(eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau, **common)
+    else:
+        base = FedYogi(eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau, **common)
+    return wrap_strategy(base, cfg.site_level_dp, num_sampled_sites=cfg.min_sites)
 
 
 def run_id_of(run_dir: Path) -> str:
@@ -111,6 +113,7 @@ def round_config(cfg: FederationConfig, run_id: str = "run") -> ConfigRecord:
         "batch-size": cfg.batch_size, "weight-decay": cfg.weight_decay, "augment": cfg.augment, "seed": cfg.seed,
         "local-norm": cfg.local_norm, "model-config": json.dumps(to_dict(cfg.model)),
         "preprocess-config": json.dumps(to_dict(cfg.preprocess)), "fedsubtype-version": __version__,
+        **round_config_entries(cfg.site_level_dp),
     })
 
 

@@ -101,3 +101,23 @@ def test_client_mod_passes_through_without_the_key_and_keeps_declines():
                                   _context(), decline)
     assert not out.has_error()
     assert out.content["metrics"]["budget_exhausted"] == 1
+
+
+def test_federation_yaml_section_wraps_the_servers_strategy_and_tells_sites_to_clip() -> None:
+    from flwr.serverapp import strategy as fs
+
+    from fedsubtype.configio import from_dict
+    from fedsubtype.federation_config import FederationConfig
+    from server.server_app import make_strategy, round_config
+
+    plain = from_dict(FederationConfig, {"strategy": "fedavg"})
+    assert type(make_strategy(plain)).__name__ == "FedAvg"
+    assert "site-dp-clipping" not in dict(round_config(plain))
+    client_side = from_dict(FederationConfig, {"strategy": "fedprox", "min_sites": 3, "site_level_dp": {
+        "enabled": True, "side": "client", "clipping": "fixed", "noise_multiplier": 0.5, "clipping_norm": 2.0}})
+    wrapped = make_strategy(client_side)
+    assert isinstance(wrapped, fs.DifferentialPrivacyClientSideFixedClipping)
+    assert dict(round_config(client_side))["site-dp-clipping"] == "fixed"
+    server_side = from_dict(FederationConfig, {"site_level_dp": {"enabled": True, "clipping": "adaptive",
+                                                                 "clipped_count_stddev": 1.0}})
+    assert isinstance(make_strategy(server_side), fs.DifferentialPrivacyServerSideAdaptiveClipping)
