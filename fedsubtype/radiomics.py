@@ -109,10 +109,16 @@ def _mirp_features(image: np.ndarray, mask: np.ndarray, cfg: RadiomicsConfig, pr
         kwargs["base_discretisation_n_bins"] = cfg.n_bins
     else:
         kwargs["base_discretisation_bin_width"] = cfg.bin_width
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        frames = extract_features(image=image, mask=mask.astype(np.uint8), image_modality="MR",
-                                  base_feature_families=list(cfg.families), **kwargs)
+    root = logging.getLogger()
+    quiet = logging.NullHandler()  # MIRP calls logging.basicConfig(INFO, stdout); a root handler makes that a no-op
+    root.addHandler(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = extract_features(image=image, mask=mask.astype(np.uint8), image_modality="MR",
+                                      base_feature_families=list(cfg.families), **kwargs)
+    finally:
+        root.removeHandler(quiet)
     frame = frames[0]
     feats: dict[str, float] = {}
     for col in frame.columns:
