@@ -141,3 +141,23 @@ def test_attention_check_needs_a_phantom(trained_model, tmp_path, capsys):
     manifest.write_text("case_id,image,mask,site,er,pr,her2,ki67\n")
     assert main(["benchmark", "attention", "--model", str(trained_model), "--manifest", str(manifest)]) == 1
     assert "latents.csv not found" in capsys.readouterr().err
+
+
+def test_a_model_file_written_by_a_federation_predicts_and_gets_a_card(phantom_cohort, tmp_path, capsys):
+    """The coordinator's RunStore writes model.pt; predict and model-card take it unchanged."""
+    from fedsubtype.federated import get_weights
+    from fedsubtype.model import ModelConfig, build_model
+    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.runstore import RunStore
+
+    model_cfg, prep_cfg = ModelConfig(width=8, groups=4, feature_dim=32, hidden_dim=32), PreprocessConfig(size=16)
+    fixed = {"value": 0.5, "method": "fixed (federated: per-case validation predictions stay at the sites)"}
+    path = RunStore(tmp_path / "fed").save_final_model(
+        get_weights(build_model(model_cfg, seed=0)), model_cfg, prep_cfg,
+        {"source": "federated", "strategy": "fedprox", "rounds": 2, "sites": ["site1", "site2"],
+         "thresholds": {t: fixed for t in ("er", "pr", "her2")}})
+    case = read_manifest(phantom_cohort)[3]
+    out = _predict_json(capsys, "--model", str(path), "--image", str(case.image), "--mask", str(case.mask))
+    assert all(th["value"] == 0.5 and th["source"].startswith("fixed") for th in out["thresholds"].values())
+    assert main(["model-card", "--model", str(path), "--out", str(tmp_path / "card.md")]) == 0
+    assert "Training: federated" in (tmp_path / "card.md").read_text()
