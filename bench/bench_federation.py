@@ -81,13 +81,13 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
            "augment": False, "seed": args.seed, "port": port, "model": MODEL, "preprocess": {"size": args.size},
            "tls": {"ca_certificate": str(creds / "ca.crt"), "certificate": str(creds / "server.crt"),
                    "private_key": str(creds / "server.key")}}
-    (root / "federation.yaml").write_text(yaml.safe_dump(fed))
+    (root / "federation.yaml").write_text(yaml.safe_dump(fed), encoding="utf-8")
     procs = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         t0 = time.perf_counter()
         server = subprocess.Popen([str(BIN / "fedsubtype-server"), "--federation", str(root / "federation.yaml")],
-                                  stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+                                  stdout=open(root / "server.log", "w", encoding="utf-8"), stderr=subprocess.STDOUT,
                                   start_new_session=True, env=env)
         procs.append(server)
         for s in sites:
@@ -96,9 +96,9 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
                     "local_port": free_port(), "work_dir": str(root / f"state-{port}-{s}"), "cache": str(cache),
                     "threads": 1, "connect_timeout_s": 600, "preprocess": {"size": args.size}}
             path = root / f"{s}.yaml"
-            path.write_text(yaml.safe_dump(site))
+            path.write_text(yaml.safe_dump(site), encoding="utf-8")
             procs.append(subprocess.Popen([str(BIN / "fedsubtype-client"), "--site", str(path), "--quiet"],
-                                          stdout=open(root / f"{s}.log", "w"), stderr=subprocess.STDOUT,
+                                          stdout=open(root / f"{s}.log", "w", encoding="utf-8"), stderr=subprocess.STDOUT,
                                           start_new_session=True, env=env))
         code = server.wait(timeout=args.timeout)
         total = time.perf_counter() - t0
@@ -116,7 +116,7 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
                 os.killpg(p.pid, signal.SIGKILL)
     if code != 0:
         raise SystemExit(f"federated run failed (exit {code}); see {root / 'server.log'}")
-    records = json.loads((run_dir / "rounds.json").read_text())
+    records = json.loads((run_dir / "rounds.json").read_text(encoding="utf-8"))
     return {"total_s": total, "records": records}
 
 
@@ -144,7 +144,7 @@ def main() -> int:
         manifest = generate_cohort(root / "phantom", cases=args.cases, sites=3, seed=args.seed, progress=False)
     import csv
 
-    with open(manifest, newline="") as fh:
+    with open(manifest, newline="", encoding="utf-8") as fh:
         sites = sorted({row["site"] for row in csv.DictReader(fh)})
     cache = root / "cache"
 

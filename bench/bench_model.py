@@ -22,7 +22,7 @@ OURS = "full"
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
+    with open("/proc/self/statm", encoding="utf-8") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -94,7 +94,7 @@ def _run_worker(name: str, args: argparse.Namespace) -> dict:
     if not args.spin:
         # on a shared CPU, spin-waiting OpenMP threads thrash (10x slower here); both models get the same
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", check=False, env=env)
     if done.returncode:
         raise SystemExit(f"bench worker {name} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

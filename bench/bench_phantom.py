@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -96,7 +95,7 @@ def main() -> int:
     print(f"load average before {report['load_before'][0]:.1f}, after {report['load_after'][0]:.1f} "
           f"on {os.cpu_count()} cores (other work shares the CPU)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -53,7 +53,7 @@ def synthetic_cohort(folder: Path, n: int, seed: int = 0) -> Path:
     with ThreadPoolExecutor(2) as pool:
         rows = list(pool.map(one, range(n)))
     manifest = folder / "manifest.csv"
-    manifest.write_text("case_id,image,mask,site,er,pr,her2,ki67\n" + "".join(rows))
+    manifest.write_text("case_id,image,mask,site,er,pr,her2,ki67\n" + "".join(rows), encoding="utf-8")
     return manifest
 
 

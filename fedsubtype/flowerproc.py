@@ -41,12 +41,22 @@ def die_with_parent() -> None:
         pass
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's programs: ours, with this interpreter's scripts folder first on PATH, because
+    Flower starts flower-superexec, flwr-clientapp and flwr-serverapp by name (an unactivated venv lacks them)."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        path = bindir + os.pathsep + path if path else bindir
+    return {**os.environ, "PATH": path, **(extra or {})}
+
+
 def start(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
           cwd: Path | None = None, stdout: int | IO | None = None) -> subprocess.Popen:
     """Start a child in its own process group, stdout+stderr appended to `log_path` (or to `stdout`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = stdout if stdout is not None else open(log_path, "ab")
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    full_env = {**child_env(env), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
                             start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None)
 
@@ -59,7 +69,7 @@ def descendants(pid: int) -> list[int]:
         parent = todo.pop()
         for task in Path(f"/proc/{parent}/task").glob("*/children"):
             try:
-                kids = [int(k) for k in task.read_text().split()]
+                kids = [int(k) for k in task.read_text(encoding="utf-8").split()]
             except (OSError, ValueError):
                 continue
             found.extend(kids)

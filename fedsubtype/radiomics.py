@@ -179,7 +179,7 @@ def _extract_cached(args: tuple[Case, RadiomicsConfig, Path | None]) -> dict[str
     path = cache_dir / f"{_case_key(case, cfg)}.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, OSError):
             path.unlink(missing_ok=True)
     feats = extract_case_features(case, cfg)

@@ -303,5 +303,5 @@ def build_corpus(root: Path, names: list[str] | None = None) -> Path:
         image, mask = CORPUS[name][0](root / "cases", name)
         rows.append(f"{name},cases/{image},cases/{mask},site{i % 3},{i % 2},{(i + 1) % 2},,{(i * 7) % 100}\n")
     manifest = root / "manifest.csv"
-    manifest.write_text(HEADER + "".join(rows))
+    manifest.write_text(HEADER + "".join(rows), encoding="utf-8")
     return manifest

@@ -15,6 +15,8 @@ from typing import Callable
 
 import yaml
 
+from fedsubtype.flowerproc import child_env
+
 BIN = Path(sys.executable).parent
 TINY_MODEL = {"width": 8, "groups": 4, "feature_dim": 16, "hidden_dim": 16}
 
@@ -35,7 +37,7 @@ def site_names(manifest: Path) -> list[str]:
     """Distinct values of the manifest's `site` column, sorted."""
     import csv
 
-    with open(manifest, newline="") as fh:
+    with open(manifest, newline="", encoding="utf-8") as fh:
         return sorted({row["site"] for row in csv.DictReader(fh)})
 
 
@@ -52,7 +54,7 @@ class Procs:
         self.logs[name] = log
         fh = open(log, "ab")
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                env={**child_env(env), "PYTHONUNBUFFERED": "1"})
         fh.close()
         self.procs[name] = proc
         return proc
@@ -80,7 +82,7 @@ class Procs:
             raise AssertionError(f"{name} did not finish within {timeout:g} s\n{self.dump()}") from None
 
     def text(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace") if self.logs[name].is_file() else ""
+        return self.logs[name].read_text(encoding="utf-8", errors="replace") if self.logs[name].is_file() else ""
 
     def dump(self, lines: int = 40) -> str:
         out = []
@@ -143,7 +145,7 @@ def write_site(folder: Path, name: str, manifest: Path, port: int, creds: Path, 
            "local_port": free_port(), "work_dir": str(folder / f"state-{name}"), "cache": str(cache), "threads": 1,
            "connect_retries": 30, "connect_timeout_s": 300, "preprocess": {"size": 16}, **extra}
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
 
 
@@ -157,7 +159,7 @@ def write_federation(folder: Path, sites: list[str], port: int, creds: Path, run
                    "private_key": str(creds / "server.key")},
            "model": dict(TINY_MODEL), "preprocess": {"size": 16}, **extra}
     path = folder / "federation.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
 
 
@@ -165,7 +167,7 @@ def rounds(run_dir: Path) -> list[dict]:
     """rounds.json of a run folder ([] before the first round)."""
     path = run_dir / "rounds.json"
     try:
-        return json.loads(path.read_text()) if path.is_file() else []
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     except ValueError:
         return []
 

@@ -33,7 +33,7 @@ def _config(tmp: Path, **sections) -> Path:
     for key, value in sections.items():
         cfg.setdefault(key, {}).update(value)
     path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
 
 
@@ -49,14 +49,14 @@ def run_dir(manifest, tmp_path_factory) -> Path:
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
 def test_train_writes_every_output(run_dir: Path, manifest) -> None:
     for name in ("model.pt", "metrics.json", "predictions.csv", "metrics_per_epoch.csv", "config.yaml", "splits.csv"):
         assert (run_dir / name).is_file(), name
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert METRIC_KEYS <= set(metrics) and metrics["evaluated_on"] == "test"
     for task in ("er", "pr", "her2"):
         assert {"auc", "auc_ci", "n"} <= set(metrics[task])
@@ -75,7 +75,7 @@ def test_train_writes_every_output(run_dir: Path, manifest) -> None:
     epochs = _csv(run_dir / "metrics_per_epoch.csv")
     assert [r["epoch"] for r in epochs] == ["1", "2"] and "val_mean_auc" in epochs[0]
 
-    used = yaml.safe_load((run_dir / "config.yaml").read_text())
+    used = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     assert used["training"]["epochs"] == 2 and used["preprocess"]["size"] == 16
     assert used["model"]["width"] == 8 and Path(used["data"]["manifest"]).is_absolute()
     assert not (run_dir / "best_weights.pt").exists()
@@ -104,7 +104,7 @@ def test_evaluate_reproduces_the_test_predictions(run_dir: Path, manifest, tmp_p
     rc = main(["evaluate", "--model", str(run_dir / "model.pt"), "--manifest", str(manifest),
                "--out", str(out), "--n-boot", "20", "--quiet", "--cache", str(run_dir.parent / "cache")])
     assert rc == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert METRIC_KEYS <= set(metrics) and metrics["evaluated_on"] == "all"
     everything = {r["case_id"]: r for r in _csv(out / "predictions.csv")}
     assert len(everything) == len(read_manifest(manifest))
@@ -144,7 +144,7 @@ def test_split_column_is_honoured(run_dir: Path, manifest, tmp_path: Path) -> No
     (["evaluate", "--model", "{tmp}/none.pt", "--manifest", "{manifest}", "--out", "{tmp}/o"], "model file not found"),
 ])
 def test_bad_inputs_are_one_line_errors(argv, needle, manifest, tmp_path: Path, capsys) -> None:
-    (tmp_path / "bad.yaml").write_text("training:\n  epoch: 3\n")
+    (tmp_path / "bad.yaml").write_text("training:\n  epoch: 3\n", encoding="utf-8")
     argv = [a.format(tmp=tmp_path, manifest=manifest) for a in argv]
     rc = main(argv)
     err = capsys.readouterr().err.strip()
@@ -168,7 +168,7 @@ def test_strict_stops_on_a_broken_case_and_default_skips_it(run_dir: Path, manif
     assert main(["train", *common, "--out", str(tmp_path / "lenient")]) == 0
     err = capsys.readouterr().err
     assert "broken" in err and "skipping 1 unusable case" in err
-    assert "broken" not in (tmp_path / "lenient" / "splits.csv").read_text()
+    assert "broken" not in (tmp_path / "lenient" / "splits.csv").read_text(encoding="utf-8")
 
 
 def test_documented_config_lists_every_key_with_its_default() -> None:
@@ -181,10 +181,10 @@ def test_documented_config_lists_every_key_with_its_default() -> None:
     documented = to_dict(load_run_config(path))
     defaults = to_dict(RunConfig())
     assert documented.pop("data").pop("manifest") and defaults["data"].pop("manifest") is None
-    documented_data = yaml.safe_load(path.read_text())["data"]
+    documented_data = yaml.safe_load(path.read_text(encoding="utf-8"))["data"]
     assert set(documented_data) == {f.name for f in dataclasses.fields(RunConfig().data)}
     for section in ("preprocess", "model", "training", "evaluation"):
-        assert set(yaml.safe_load(path.read_text())[section]) == set(defaults[section]), section
+        assert set(yaml.safe_load(path.read_text(encoding="utf-8"))[section]) == set(defaults[section]), section
     defaults.pop("data")
     assert documented == defaults
 
@@ -194,7 +194,7 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
 
     (tmp_path / "cfg").mkdir()
     path = tmp_path / "cfg" / "run.yaml"
-    path.write_text("data:\n  manifest: ../data/m.csv\n  cache: cache\nout: ../runs/a\n")
+    path.write_text("data:\n  manifest: ../data/m.csv\n  cache: cache\nout: ../runs/a\n", encoding="utf-8")
     cfg = load_run_config(path)
     assert cfg.data.manifest == tmp_path / "cfg" / "../data/m.csv"
     assert cfg.data.cache == tmp_path / "cfg" / "cache" and cfg.out == tmp_path / "cfg" / "../runs/a"

@@ -80,8 +80,8 @@ def test_three_sites_fedprox_tls_auth_then_evaluate(setup, procs, tmp_path):
         assert r["bytes_down"] > 0 and r["bytes_up"] > 0
     evals = [r for r in recs if r["phase"] == "evaluate"]
     assert [r["round"] for r in evals] == [1, 2]
-    assert (run_dir / "metrics_per_round.csv").read_text().count("\n") == 5
-    assert (run_dir / "metrics_per_site.csv").read_text().count("\n") == 1 + 2 * 3 * 2
+    assert (run_dir / "metrics_per_round.csv").read_text(encoding="utf-8").count("\n") == 5
+    assert (run_dir / "metrics_per_site.csv").read_text(encoding="utf-8").count("\n") == 1 + 2 * 3 * 2
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*.pt")) == ["round_001.pt", "round_002.pt"]
 
     # The final model is a normal model.pt: `fedsubtype evaluate` takes it unchanged.
@@ -89,16 +89,16 @@ def test_three_sites_fedprox_tls_auth_then_evaluate(setup, procs, tmp_path):
     res = subprocess.run([str(BIN / "fedsubtype"), "evaluate", "--model", str(run_dir / "model.pt"),
                           "--manifest", str(setup["manifest"]), "--out", str(out_dir), "--n-boot", "10",
                           "--cache", str(setup["cache"])],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
     assert {"er", "pr", "her2", "ki67", "mean_auc"} <= set(metrics)
 
 
 def test_a_site_killed_mid_run_does_not_stop_the_federation(setup, procs, tmp_path):
     run_dir, port = _start(setup, procs, tmp_path, ALL_SITES, rounds=3, min_sites=2, round_timeout_s=180)
     state = tmp_path / "state-site3" / "logs" / "supernode.log"
-    wait_until(lambda: state.is_file() and "train message" in state.read_text(errors="replace"), 400,
+    wait_until(lambda: state.is_file() and "train message" in state.read_text(encoding="utf-8", errors="replace"), 400,
                "site3 to receive its first training message", procs)
     procs.kill("site3")  # crash: the client and its SuperNode die mid-round
     wait_until(lambda: len(_train_rounds(run_dir)) >= 1, 500, "round 1 to finish without site3", procs)
@@ -147,7 +147,7 @@ def test_resume_after_the_coordinator_is_killed(setup, procs, tmp_path):
     train = _train_rounds(run_dir)
     assert [r["round"] for r in train] == [1, 2]
     assert (run_dir / "model.pt").is_file()
-    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["round"] == 2
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text(encoding="utf-8"))["round"] == 2
 
 
 if __name__ == "__main__":

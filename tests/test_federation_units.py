@@ -76,7 +76,7 @@ def test_site_file_errors_name_the_key(tmp_path, text, key):
     from fedsubtype.site_config import load_site_config
 
     path = tmp_path / "site.yaml"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError) as err:
         load_site_config(path)
     assert key in err.value.line() and "\n" not in err.value.line()
@@ -87,7 +87,7 @@ def test_site_paths_resolve_against_the_site_file(tmp_path):
 
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "site.yaml"
-    path.write_text("name: a\nmanifest: data/m.csv\nca_certificate: ../ca.crt\n")
+    path.write_text("name: a\nmanifest: data/m.csv\nca_certificate: ../ca.crt\n", encoding="utf-8")
     cfg = load_site_config(path)
     assert cfg.manifest == tmp_path / "sub" / "data" / "m.csv"
     assert cfg.ca_certificate == tmp_path / "ca.crt"
@@ -98,14 +98,14 @@ def test_federation_file_checks(tmp_path):
     from fedsubtype.federation_config import load_federation_config
 
     path = tmp_path / "f.yaml"
-    path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 2}))
+    path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 2}), encoding="utf-8")
     with pytest.raises(ConfigError, match="min_sites"):
         load_federation_config(path)
     path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 1,
-                                    "strategy": "fedsgd"}))
+                                    "strategy": "fedsgd"}), encoding="utf-8")
     with pytest.raises(ConfigError, match="strategy"):
         load_federation_config(path)
-    path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 1}))
+    path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 1}), encoding="utf-8")
     cfg = load_federation_config(path)
     with pytest.raises(UserError, match="public_key"):
         cfg.check_files(str(path))  # the key file does not exist
@@ -115,7 +115,7 @@ def test_client_refuses_insecure_without_permission(tmp_path, capsys):
     from fedsubtype.cli.client_cli import main
 
     path = tmp_path / "site.yaml"
-    path.write_text("name: a\nmanifest: m.csv\n")
+    path.write_text("name: a\nmanifest: m.csv\n", encoding="utf-8")
     assert main(["--site", str(path), "--insecure"]) == 1
     err = capsys.readouterr().err
     assert "allow_insecure: true" in err and "Traceback" not in err and err.count("\n") == 1
@@ -124,9 +124,9 @@ def test_client_refuses_insecure_without_permission(tmp_path, capsys):
 def test_client_reports_missing_credentials_in_one_line(tmp_path, capsys):
     from fedsubtype.cli.client_cli import main
 
-    (tmp_path / "m.csv").write_text("case_id,image,mask,site,er,pr,her2,ki67\n")
+    (tmp_path / "m.csv").write_text("case_id,image,mask,site,er,pr,her2,ki67\n", encoding="utf-8")
     path = tmp_path / "site.yaml"
-    path.write_text("name: a\nmanifest: m.csv\nca_certificate: nowhere.crt\nauth_private_key: a.key\n")
+    path.write_text("name: a\nmanifest: m.csv\nca_certificate: nowhere.crt\nauth_private_key: a.key\n", encoding="utf-8")
     assert main(["--site", str(path)]) == 1
     err = capsys.readouterr().err
     assert "ca_certificate" in err and "not found" in err and "Traceback" not in err
@@ -214,10 +214,10 @@ def test_runstore_metrics_checkpoints_and_final_model(tmp_path):
                                                  SiteResult("b", 2, {"num-examples": 5.0, "train-loss": float("nan")})],
                               ["node 3: no answer"], {"num-examples": 8.0, "train-loss": 0.5}))
         store.add(RoundRecord(rnd, "evaluate", 2, [], [], {"mean-auc": 0.6 + rnd / 10}))
-    data = json.loads((tmp_path / "run" / "rounds.json").read_text())
+    data = json.loads((tmp_path / "run" / "rounds.json").read_text(encoding="utf-8"))
     assert [r["round"] for r in data] == [1, 1, 2, 2]
     assert data[0]["answered"][1]["metrics"]["train-loss"] is None  # NaN written as null
-    site_csv = (tmp_path / "run" / "metrics_per_site.csv").read_text().splitlines()
+    site_csv = (tmp_path / "run" / "metrics_per_site.csv").read_text(encoding="utf-8").splitlines()
     assert site_csv[0].startswith("round,phase,site") and len(site_csv) == 1 + 4
     assert store.last_evaluation()["mean-auc"] == pytest.approx(0.8)
 

@@ -55,7 +55,7 @@ def build_tree(root: Path, clinical: str = "xlsx") -> Path:
         book.save(root / "clinical_and_imaging_info.xlsx")
         return root / "clinical_and_imaging_info.xlsx"
     path = root / "clinical.csv"
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow([c.upper() if c == "er" else c for c in COLUMNS])  # header case is tolerated
         for row in ROWS:
@@ -85,7 +85,7 @@ def test_import_writes_the_manifest(tree, tmp_path):
     assert duke.extra["manufacturer"] == "GE MEDICAL SYSTEMS" and duke.extra["field_strength"] == "1.5"
     assert duke.extra["dataset"] == "DUKE" and duke.extra["clinical_site"] == "Duke"
     assert "age" not in duke.extra
-    assert not Path(out.read_text().splitlines()[1].split(",")[1]).is_absolute()
+    assert not Path(out.read_text(encoding="utf-8").splitlines()[1].split(",")[1]).is_absolute()
 
     assert summary.cases == 3
     left = "\n".join(summary.left_out)
@@ -132,7 +132,7 @@ def test_user_mistakes_are_one_line(tree, tmp_path, capsys):
     assert main(["import", "mama-mia", str(tmp_path), "--out", str(tmp_path / "m.csv")]) == 1
     assert "no 'images' folder" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
-    bad.write_text("patient_id,er\nDUKE_001,1\n")
+    bad.write_text("patient_id,er\nDUKE_001,1\n", encoding="utf-8")
     with pytest.raises(UserError, match="no 'dataset' column"):
         import_mama_mia(tree, tmp_path / "m.csv", clinical=bad)
     with pytest.raises(UserError, match="no usable case"):

@@ -80,7 +80,7 @@ def test_optional_columns_are_kept_and_round_trip(tmp_path):
     (again,) = read_manifest(out)
     assert again.image.resolve() == case.image.resolve()
     assert again.labels == case.labels and again.extra == case.extra and again.split == "train"
-    assert "../x/a.nii.gz" in out.read_text()
+    assert "../x/a.nii.gz" in out.read_text(encoding="utf-8")
 
 
 def test_bad_split_and_bom(tmp_path):
@@ -93,7 +93,7 @@ def test_bad_split_and_bom(tmp_path):
 def test_written_labels_never_turn_missing_into_zero(tmp_path):
     case = Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz", "s", {"er": 0.0, "pr": None, "her2": 1.0, "ki67": None})
     write_manifest([case], tmp_path / "m.csv")
-    row = (tmp_path / "m.csv").read_text().splitlines()[1]
+    row = (tmp_path / "m.csv").read_text(encoding="utf-8").splitlines()[1]
     assert row.endswith(",s,0,,1,")
 
 

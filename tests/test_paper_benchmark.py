@@ -18,14 +18,14 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     args = ["benchmark", "paper", "--manifest", str(phantom_cohort), "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--seeds", "0", "--rows", "full,core_only,radiomics_lr", "--size", "16", "--epochs", "1", "--n-boot", "20"]
     assert main(args) == 0
-    table = json.loads((out / "table.json").read_text())
+    table = json.loads((out / "table.json").read_text(encoding="utf-8"))
     assert set(table["rows"]) == {"full", "core_only", "radiomics_lr", "oracle"}
     full = table["rows"]["full"]
     assert 0.0 <= full["avg"][0] <= 1.0 and full["ki67_mae"][0] >= 0
     assert 0.5 < table["rows"]["oracle"]["avg"][0] <= 1.0  # the latents carry real, partial evidence
-    md = (out / "table.md").read_text()
+    md = (out / "table.md").read_text(encoding="utf-8")
     assert "| Method | ER | PR | HER2 | Avg |" in md and "engineering evidence" in md and "External site" in md
-    delong = list(csv.DictReader(open(out / "delong.csv")))
+    delong = list(csv.DictReader(open(out / "delong.csv", encoding="utf-8")))
     assert {r["row"] for r in delong} <= {"core_only", "radiomics_lr"} and all(0 <= float(r["p"]) <= 1 for r in delong if r["p"])
     assert all((out / f"roc_{t}.png").is_file() for t in ("er", "pr", "her2"))
     done = out / "runs" / "full" / "seed0" / "done.json"
@@ -33,7 +33,7 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     capsys.readouterr()
     assert main(args) == 0  # resumed: finished runs are read back, not retrained
     assert done.stat().st_mtime_ns == stamp
-    assert json.loads((out / "table.json").read_text())["rows"]["full"]["avg"] == full["avg"]
+    assert json.loads((out / "table.json").read_text(encoding="utf-8"))["rows"]["full"]["avg"] == full["avg"]
 
 
 def test_unknown_row_is_a_one_line_error(phantom_cohort: Path, tmp_path: Path, capsys) -> None:

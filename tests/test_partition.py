@@ -100,7 +100,7 @@ def test_external_site_is_all_test_and_csv_roundtrips(tmp_path: Path) -> None:
     part.write_csv(tmp_path / "partition.csv")
     again = read_partition_csv(tmp_path / "partition.csv", cases)
     assert again.site == part.site and again.split == part.split
-    assert (tmp_path / "partition.csv").read_text().splitlines()[0] == "case_id,site,split"
+    assert (tmp_path / "partition.csv").read_text(encoding="utf-8").splitlines()[0] == "case_id,site,split"
 
 
 def test_feature_shift_bins_a_numeric_column() -> None:

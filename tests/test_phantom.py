@@ -65,9 +65,9 @@ def test_manifest_contract_and_latents(phantom_cohort: Path) -> None:
     latents = pd.read_csv(phantom_cohort.parent / "latents.csv", dtype={"case_id": str})
     assert set(latent_columns()) <= set(latents.columns)
     assert sorted(latents["case_id"]) == sorted(c.case_id for c in cases)
-    header = phantom_cohort.read_text().splitlines()[0].split(",")
+    header = phantom_cohort.read_text(encoding="utf-8").splitlines()[0].split(",")
     assert not set(latent_columns()) & set(header), "latents must stay out of the manifest"
-    marker = json.loads((phantom_cohort.parent / "phantom.json").read_text())
+    marker = json.loads((phantom_cohort.parent / "phantom.json").read_text(encoding="utf-8"))
     assert marker["cases"] == 30 and marker["seed"] == 0
 
 
@@ -129,10 +129,10 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 def test_refuses_foreign_folder_but_replaces_a_phantom(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "keep.txt").write_text("mine")
+    (foreign / "keep.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(UserError, match="not a phantom cohort"):
         generate_cohort(foreign, cases=8, sites=2, seed=0, workers=1, progress=False)
-    assert (foreign / "keep.txt").read_text() == "mine"
+    assert (foreign / "keep.txt").read_text(encoding="utf-8") == "mine"
     out = tmp_path / "cohort"
     generate_cohort(out, cases=5, sites=1, seed=0, workers=1, progress=False)
     generate_cohort(out, cases=4, sites=1, seed=1, workers=1, progress=False)
@@ -220,7 +220,7 @@ def test_oracle_metrics_on_a_written_cohort(phantom_cohort: Path) -> None:
     with pytest.raises(UserError, match="not in the cohort"):
         oracle_metrics(phantom_cohort.parent, ["nope"], ids[:3])
     out = subprocess.run([sys.executable, "-m", "fedsubtype.phantom.oracle", str(phantom_cohort.parent)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ER AUC" in out.stdout and "Ki-67 MAE" in out.stdout
 
@@ -242,7 +242,7 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_cli_refuses_non_empty_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "notes.txt").write_text("x", encoding="utf-8")
     assert cli_main(["phantom", "--out", str(tmp_path), "--cases", "12", "--sites", "3"]) == 1
     err = capsys.readouterr().err.strip()
     assert "not a phantom cohort" in err and len(err.splitlines()) == 1

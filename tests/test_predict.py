@@ -68,7 +68,7 @@ def test_explain_writes_maps_on_the_input_grid_and_a_figure(trained_model, phant
 
 def test_cohort_mode_writes_one_row_per_case(trained_model, phantom_cohort, tmp_path, capsys):
     assert main(["predict", "--model", str(trained_model), "--manifest", str(phantom_cohort), "--out", str(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv", encoding="utf-8")))
     cases = read_manifest(phantom_cohort)
     assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
     assert {"er_prob", "subtype", "weight_peritumoral", "attention_peritumoral"} <= set(rows[0])
@@ -118,7 +118,7 @@ def test_bad_inputs_are_one_line_errors(trained_model, phantom_cohort, tmp_path,
 def test_model_card_from_a_trained_model(trained_model, tmp_path):
     out = tmp_path / "card.md"
     assert main(["model-card", "--model", str(trained_model), "--out", str(out)]) == 0
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "Research use only" in text and "not a clinical model" in text
     assert "| ER |" in text and "Training" in text and "ε = ∞" in text
 
@@ -127,18 +127,18 @@ def test_attention_evidence_check_on_the_phantom(trained_model, phantom_cohort, 
     out = tmp_path / "attention"
     assert main(["benchmark", "attention", "--model", str(trained_model), "--manifest", str(phantom_cohort),
                  "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "attention_per_case.csv")))
+    rows = list(csv.DictReader(open(out / "attention_per_case.csv", encoding="utf-8")))
     assert len(rows) == len(read_manifest(phantom_cohort))
     for r in rows:
         shares = [float(r[f"share_{k}"]) for k in ("core", "rim", "peritumoral", "elsewhere")]
         assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) >= 0
-    md = (out / "attention_evidence.md").read_text()
+    md = (out / "attention_evidence.md").read_text(encoding="utf-8")
     assert "| oedema | peritumoral |" in md and "| necrosis | core |" in md
 
 
 def test_attention_check_needs_a_phantom(trained_model, tmp_path, capsys):
     manifest = tmp_path / "m.csv"
-    manifest.write_text("case_id,image,mask,site,er,pr,her2,ki67\n")
+    manifest.write_text("case_id,image,mask,site,er,pr,her2,ki67\n", encoding="utf-8")
     assert main(["benchmark", "attention", "--model", str(trained_model), "--manifest", str(manifest)]) == 1
     assert "latents.csv not found" in capsys.readouterr().err
 
@@ -160,4 +160,4 @@ def test_a_model_file_written_by_a_federation_predicts_and_gets_a_card(phantom_c
     out = _predict_json(capsys, "--model", str(path), "--image", str(case.image), "--mask", str(case.mask))
     assert all(th["value"] == 0.5 and th["source"].startswith("fixed") for th in out["thresholds"].values())
     assert main(["model-card", "--model", str(path), "--out", str(tmp_path / "card.md")]) == 0
-    assert "Training: federated" in (tmp_path / "card.md").read_text()
+    assert "Training: federated" in (tmp_path / "card.md").read_text(encoding="utf-8")

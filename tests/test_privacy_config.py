@@ -86,7 +86,7 @@ def _site_with_manifest(tmp_path, privacy, cases=20):
 
     rows = ["case_id,image,mask,site,er,pr,her2,ki67"]
     rows += [f"c{i},img{i}.nii.gz,mask{i}.nii.gz,A,1,0,1,20" for i in range(cases)]
-    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return SiteConfig(name="a", manifest=tmp_path / "manifest.csv", privacy=privacy)
 
 

@@ -114,7 +114,7 @@ def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_c
 
     import csv
 
-    with open(phantom_cohort, newline="") as fh:
+    with open(phantom_cohort, newline="", encoding="utf-8") as fh:
         site_name = sorted({row["site"] for row in csv.DictReader(fh)})[0]
     prep = PreprocessConfig(size=SIZE)
     privacy = PrivacyConfig(enabled=True, target_epsilon=eps, noise_multiplier=1.5, accountant="rdp")
@@ -140,7 +140,7 @@ def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_c
             algo = SiteAlgo(site).initialize()
     assert declined_at is not None and len(spent) >= 2
     assert spent == sorted(spent) and spent[-1] <= eps
-    ledger = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text())
+    ledger = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text(encoding="utf-8"))
     assert [r["round"] for r in ledger["runs"]["run-A"]["rounds"]] == list(range(1, declined_at))
 
 

@@ -36,7 +36,7 @@ def test_runs_are_kept_apart_and_can_be_composed(tmp_path):
     assert other.spent() == 0.0
     other.record(1, [(1.1, Q, 16)])
     assert other.epsilon_all_runs() == pytest.approx(epsilon_for([(1.1, Q, 32)], 1e-5, "rdp"))
-    assert set(json.loads(path.read_text())["runs"]) == {"run-1", "run-2"}
+    assert set(json.loads(path.read_text(encoding="utf-8"))["runs"]) == {"run-1", "run-2"}
 
 
 def test_changing_delta_mid_run_is_refused(tmp_path):
@@ -48,7 +48,7 @@ def test_changing_delta_mid_run_is_refused(tmp_path):
 
 def test_corrupt_ledger_is_a_one_line_error(tmp_path):
     path = tmp_path / "ledger.json"
-    path.write_text("{not json")
+    path.write_text("{not json", encoding="utf-8")
     with pytest.raises(ConfigError, match="unreadable"):
         PrivacyLedger(path, "run-1", delta=1e-5)
 

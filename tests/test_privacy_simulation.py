@@ -39,11 +39,11 @@ def test_dp_sites_in_simulation_spend_one_budget_and_decline_past_it(tmp_path: P
         "methods": [{"name": "fedavg"}], "seeds": [0], "ray": {"num_cpus": 2, "client_cpus": 1},
     }
     path = tmp_path / "scenario.yaml"
-    path.write_text(yaml.safe_dump(scenario))
+    path.write_text(yaml.safe_dump(scenario), encoding="utf-8")
     run_study(load_scenario(path), say=lambda _: None)
 
     server_dir = next((tmp_path / "out" / "runs").rglob("server"))
-    rounds = [r for r in json.loads((server_dir / "rounds.json").read_text()) if r["phase"] == "train"]
+    rounds = [r for r in json.loads((server_dir / "rounds.json").read_text(encoding="utf-8")) if r["phase"] == "train"]
     by_round = {r["round"]: r for r in rounds}
     for rnd in (1, 2):  # both sites trained with DP and reported ε spent so far
         answered = by_round[rnd]["answered"]
@@ -55,6 +55,6 @@ def test_dp_sites_in_simulation_spend_one_budget_and_decline_past_it(tmp_path: P
     ledgers = list((tmp_path / "out").rglob("privacy_ledger.json"))
     assert len(ledgers) == 2
     for ledger in ledgers:
-        run = next(iter(json.loads(ledger.read_text())["runs"].values()))
+        run = next(iter(json.loads(ledger.read_text(encoding="utf-8"))["runs"].values()))
         assert [r["round"] for r in run["rounds"]] == [1, 2]
         assert run["rounds"][-1]["epsilon_after"] <= BUDGET

@@ -24,7 +24,7 @@ def _case(tmp: Path, name: str, radius_mm: float, texture: float, seed: int) -> 
     zz, yy, xx = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing[::-1])), indexing="ij")
     centre = [n * s / 2 for n, s in zip(shape, spacing[::-1])]
     r = np.sqrt((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2)
-    body = 100.0 + rng.normal(0, 5, shape)
+    body = np.where(r <= 21.0, 100.0 + rng.normal(0, 5, shape), np.abs(rng.normal(0, 3, shape)))  # tissue in air
     tumour = r <= radius_mm
     body[tumour] = 300.0 + texture * rng.normal(0, 60, tumour.sum())
     img = sitk.GetImageFromArray(body.astype(np.float32))

@@ -37,7 +37,7 @@ def _scenario(tmp: Path, phantom: Path, **extra) -> Path:
     }
     data.update(extra)
     path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 
 
@@ -51,7 +51,7 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -67,7 +67,7 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
 
     # the federated run went through the real apps: both virtual sites answered in both rounds
     fed = next(r for r in first.records if r["method"] == "fedavg")
-    rounds = json.loads((Path(fed_dir := next((root / "runs").rglob("server"))) / "rounds.json").read_text())
+    rounds = json.loads((Path(fed_dir := next((root / "runs").rglob("server"))) / "rounds.json").read_text(encoding="utf-8"))
     train_rounds = [r for r in rounds if r["phase"] == "train"]
     assert [r["round"] for r in train_rounds] == [1, 2]
     sites = sorted({a["site"] for r in train_rounds for a in r["answered"]})
@@ -90,7 +90,7 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
         tested = {r["test_site"] for r in results if r["method"] == method}
         assert tested == set(sites) | {"pooled"}
     assert all(r["config_hash"] == scen.config_hash() for r in results)
-    report = (root / "report.md").read_text()
+    report = (root / "report.md").read_text(encoding="utf-8")
     assert "engineering evidence, not clinical claims" in report
     for png in ("labels_per_site.png", "per_site_auc.png", "roc.png", "ki67_scatter.png", "convergence.png"):
         assert (root / png).read_bytes()[:4] == b"\x89PNG"
@@ -127,11 +127,11 @@ def test_bad_scenarios_are_one_line_errors(tmp_path: Path, change: dict, needle:
 def test_cli_reports_bad_input_on_one_line_and_exits_1(tmp_path: Path) -> None:
     path = _scenario(tmp_path, tmp_path / "nowhere", methods=[{"name": "fedsgd"}])
     proc = subprocess.run([sys.executable, "-m", "fedsubtype.cli.sim_cli", "--scenario", str(path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "unknown method 'fedsgd'" in proc.stderr
     missing = subprocess.run([sys.executable, "-m", "fedsubtype.cli.sim_cli", "--scenario", str(tmp_path / "none.yaml")],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert missing.returncode == 1 and "file not found" in missing.stderr
 
 

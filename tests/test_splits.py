@@ -86,7 +86,7 @@ def test_bad_fractions_and_stratify_key() -> None:
 def test_write_split_csv(tmp_path: Path) -> None:
     s = stratified_split(_cohort(20), seed=0)
     write_split_csv(s, tmp_path / "splits.csv")
-    rows = list(csv.DictReader(open(tmp_path / "splits.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "splits.csv", encoding="utf-8")))
     assert set(rows[0]) == {"case_id", "site", "split"}
     assert Counter(r["split"] for r in rows) == {k: len(v) for k, v in s.items() if v}
 

@@ -100,7 +100,7 @@ def test_worker_processes_are_seeded_too(data) -> None:
 def test_history_csv_steps_and_samples(tmp_path: Path, data) -> None:
     train, val = data
     res = fit(_model(), train, val, _cfg(epochs=2), out_dir=tmp_path)
-    rows = list(csv.DictReader(open(tmp_path / "metrics_per_epoch.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "metrics_per_epoch.csv", encoding="utf-8")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for key in ("train_loss", "val_loss", "val_mean_auc", "val_ki67_mae", "lr", "val_er_auc"):
         assert key in rows[0], key
@@ -269,7 +269,7 @@ def test_predictions_csv_and_thresholds(tmp_path: Path, data) -> None:
     assert set(thr) == {"er", "pr", "her2"} and all(0 <= v["value"] <= 1 for v in thr.values())
     assert choose_thresholds(preds, "fixed")["er"] == {"value": 0.5, "method": "fixed"}
     preds.to_csv(tmp_path / "p.csv", {t: v["value"] for t, v in thr.items()})
-    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
     assert len(rows) == 8 and rows[0]["case_id"] == "a000"
     assert {"er_prob", "ki67_pred", "er_call", "ki67_true"} <= set(rows[0])
 

@@ -78,11 +78,11 @@ def test_threaded_and_serial_give_the_same_report(corpus_cases):
 def test_table_problems_and_file_problems_come_together(tmp_path):
     build_corpus(tmp_path, ["good", "missing_file"])
     m = tmp_path / "manifest.csv"
-    text = m.read_text().splitlines()
+    text = m.read_text(encoding="utf-8").splitlines()
     text[2] = text[2].replace(",site1,1,0,", ",site1,7,0,")  # bad er on the row with a missing image
     text.append(text[1])  # duplicate of 'good'
     text.append(text[1].replace("good,", "ki_bad,").rsplit(",", 1)[0] + ",140")
-    m.write_text("\n".join(text) + "\n")
+    m.write_text("\n".join(text) + "\n", encoding="utf-8")
     report = validate_manifest(m)
     lines = [p.line() for p in report.problems]
     assert any(ln.startswith("missing_file: er='7'") for ln in lines)
@@ -100,7 +100,7 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "multilabel: warning: mask is not binary" in out
     assert "3 rows, 3 usable cases, 0 errors, 2 warnings" in out
-    data = json.loads((tmp_path / "r.json").read_text())
+    data = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert data["ok"] is True and data["summary"]["cases"] == 3
 
     bad = build_corpus(tmp_path / "bad", ["good", "empty_mask", "multilabel"])
@@ -116,7 +116,7 @@ def test_cli_one_line_errors_for_unreadable_manifests(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "manifest not found" in err and "Traceback" not in err
     m = tmp_path / "cols.csv"
-    m.write_text("case_id,image,site\nA,a.nii.gz,s\n")
+    m.write_text("case_id,image,site\nA,a.nii.gz,s\n", encoding="utf-8")
     assert main(["validate", str(m)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "missing column(s) mask, er, pr, her2, ki67" in err

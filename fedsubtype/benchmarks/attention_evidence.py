@@ -88,7 +88,7 @@ def run_attention_benchmark(model_path: Path, manifest: Path, out: Path, *, case
                         "this check needs a phantom cohort written by `fedsubtype phantom`", where=str(manifest))
     wanted_latents = {latent for latent, _ in EVIDENCE}
     latents = {r["case_id"]: {k: float(v) for k, v in r.items() if k in wanted_latents and v not in ("", None)}
-               for r in csv.DictReader(open(latents_csv))}
+               for r in csv.DictReader(open(latents_csv, encoding="utf-8"))}
     cases = read_manifest(manifest)
     if case_ids is not None:
         wanted = set(case_ids)

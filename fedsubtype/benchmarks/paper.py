@@ -101,7 +101,7 @@ def _save_predictions(preds: Predictions, path: Path) -> None:
 def _load_predictions(path: Path) -> Predictions:
     import csv
 
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
 
     def num(v: str) -> float:
@@ -141,7 +141,6 @@ def _network_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dic
 
     import torch
 
-    from ..augment import build_augmentation  # noqa: F401  (fit builds it; import checks availability)
     from ..dataset import CaseDataset
     from ..model import build_model
     from ..training import fit, predict_dataset, seed_everything

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                                          "device": args.device}, "training"),
     )
     table = run_paper_benchmark(bench)
-    print((args.out / "table.md").read_text())
+    print((args.out / "table.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}/table.md, table.csv, delong.csv, roc_*.png ({len(table['rows'])} rows)")
     return 0
 
@@ -88,7 +88,7 @@ def run_attention(args: argparse.Namespace) -> int:
     if args.splits is not None:
         if not args.splits.is_file():
             raise UserError("splits file not found", "pass the splits.csv of a training run", where=str(args.splits))
-        ids = [r["case_id"] for r in csv.DictReader(open(args.splits)) if r.get("split") == "test"]
+        ids = [r["case_id"] for r in csv.DictReader(open(args.splits, encoding="utf-8")) if r.get("split") == "test"]
     run_attention_benchmark(args.model, args.manifest, args.out, case_ids=ids, cache_dir=args.cache)
-    print((args.out / "attention_evidence.md").read_text())
+    print((args.out / "attention_evidence.md").read_text(encoding="utf-8"))
     return 0

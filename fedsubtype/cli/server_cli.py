@@ -103,12 +103,10 @@ class Coordinator:
         self.superlink = None
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        import os
+        from ..flowerproc import child_env, flower_executable
 
-        from ..flowerproc import flower_executable
-
-        return subprocess.run([flower_executable("flwr"), *args], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env})
+        return subprocess.run([flower_executable("flwr"), *args], capture_output=True, text=True, encoding="utf-8", timeout=timeout,
+                              env=child_env(self.env))
 
     def start_superlink(self) -> None:
         from ..flowerproc import flower_executable, start, tail, wait_for_port
@@ -145,17 +143,15 @@ class Coordinator:
 
     def register_sites(self) -> dict[int, str]:
         """Register every listed site's public key (all at once); node id -> site name."""
-        import os
-
-        from ..flowerproc import flower_executable
+        from ..flowerproc import child_env, flower_executable
 
         nodes: dict[int, str] = {}
         if self.cfg.insecure:
             return nodes
-        env = {**os.environ, **self.env}
+        env = child_env(self.env)
         running = [(site, subprocess.Popen([flower_executable("flwr"), "supernode", "register", str(site.public_key),
                                             CONNECTION, "--name", site.name, "--format", "json"],
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env))
                    for site in self.cfg.sites]
         for site, proc in running:
             try:
@@ -208,16 +204,14 @@ class Coordinator:
 
     def submit(self, app_dir: Path) -> int:
         """`flwr run APP CONNECTION --stream`; progress lines shown, everything logged; returns its exit code."""
-        import os
-
-        from ..flowerproc import die_with_parent, flower_executable
+        from ..flowerproc import child_env, die_with_parent, flower_executable
 
         args = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                 "--run-config", f"run-dir={json.dumps(str(self.run_dir))}"]
         log_path = self.logs / "run.log"
         with open(log_path, "a", encoding="utf-8") as log:
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                                    env={**child_env(self.env), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
                                     preexec_fn=die_with_parent)
             assert proc.stdout is not None
             try:

@@ -100,7 +100,7 @@ def is_phantom_cohort(folder: Path) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("generator") == "fedsubtype.phantom"
+        return json.loads(marker.read_text(encoding="utf-8")).get("generator") == "fedsubtype.phantom"
     except (OSError, ValueError):
         return False
 

@@ -46,7 +46,7 @@ def _compact(history: Sequence[Entry]) -> list[Entry]:
 def _locked(path: Path) -> Iterator[None]:
     """Exclusive lock on `<ledger>.lock` so processes of one site (e.g. simulation workers) never interleave."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as fh:
+    with open(path.with_name(path.name + ".lock"), "a+", encoding="utf-8") as fh:
         if fcntl is not None:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
