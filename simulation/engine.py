@@ -117,6 +117,10 @@ def backend_config(scen: Scenario) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": ray.client_cpus, "num_gpus": ray.client_gpus}, "init_args": init_args}
 
 
+BUDGET_EXHAUSTED = "privacy budget exhausted"
+"""How a DP site's decline reads in the round record: a legitimate end of training, not a failure."""
+
+
 def _trained_rounds(run_dir: Path) -> tuple[int, list[str]]:
     """(rounds whose training was accepted, why the others were not) from the ServerApp's rounds.json."""
     path = run_dir / "rounds.json"
@@ -192,7 +196,9 @@ def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], i
             raise UserError(f"the federated run failed ({exc})", "rerun with -v to see the engine's log",
                             where=str(folder)) from None
     trained, failed = _trained_rounds(run_dir)
-    if trained < cfg.rounds:
+    if trained and failed and all(BUDGET_EXHAUSTED in f for f in failed):
+        say(f"  {len(failed)} round(s) declined: the sites' privacy budgets were spent; the model stands as of round {trained}")
+    elif trained < cfg.rounds:
         why = failed[0] if failed else "no round record"
         raise UserError(f"only {trained} of {cfg.rounds} rounds were trained ({why})",
                         "rerun the study (finished runs are kept); with -v the engine's log shows why sites did not answer",
