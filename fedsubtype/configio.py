@@ -166,3 +166,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def dump_yaml(data: Any, path: str | os.PathLike) -> None:
     """Write data (dataclasses allowed) as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(to_dict(data), sort_keys=False))
+
+
+def write_rows_csv(path: str | os.PathLike, rows: "list[dict[str, Any]]") -> None:
+    """A table of dict rows as CSV (atomic); columns are the union of the keys in first-seen order,
+    floats to 6 significant digits, None as empty."""
+    import csv
+    import io
+
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
+                    for k in cols})
+    atomic_write_text(path, buf.getvalue())

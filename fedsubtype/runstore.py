@@ -15,7 +15,6 @@ No Flower types here; the ServerApp hands plain numbers and numpy arrays.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -25,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .configio import atomic_write_bytes, atomic_write_text
+from .configio import atomic_write_bytes, atomic_write_text, write_rows_csv
 
 CHECKPOINT_FORMAT = "fedsubtype-federation-checkpoint"
 
@@ -106,21 +105,8 @@ class RunStore:
                              "bytes_up": r["bytes_up"], **(r["aggregated"] or {})})
             for a in r["answered"]:
                 site_rows.append({"round": r["round"], "phase": r["phase"], "site": a["site"], **a["metrics"]})
-        self._write_csv(self.root / "metrics_per_round.csv", agg_rows)
-        self._write_csv(self.root / "metrics_per_site.csv", site_rows)
-
-    @staticmethod
-    def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-        cols: list[str] = []
-        for row in rows:
-            cols.extend(k for k in row if k not in cols)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
-                        for k in cols})
-        atomic_write_text(path, buf.getvalue())
+        write_rows_csv(self.root / "metrics_per_round.csv", agg_rows)
+        write_rows_csv(self.root / "metrics_per_site.csv", site_rows)
 
     def last_evaluation(self) -> dict[str, Any] | None:
         """Aggregated metrics of the newest accepted evaluation phase."""

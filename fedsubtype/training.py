@@ -430,16 +430,9 @@ def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
 
 def write_history_csv(history: list[dict[str, Any]], path: str | Path) -> None:
     """Per-epoch metrics table (atomic); columns are the union of the rows' keys in first-seen order."""
-    cols: list[str] = []
-    for row in history:
-        cols += [k for k in row if k not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
-                    for k in cols})
-    atomic_write_text(path, buf.getvalue())
+    from .configio import write_rows_csv
+
+    write_rows_csv(path, history)
 
 
 class _Selector:
