@@ -63,8 +63,8 @@ def private(model: nn.Module, mode: str, batch: int, sigma: float, clip: float) 
     return module, dp_opt
 
 
-def dp_step(module: nn.Module, opt: Any, mode: str, image, regions, labels) -> None:
-    """One DP-SGD step in `mode` (ghost clipping needs its double backward)."""
+def dp_backward(module: nn.Module, opt: Any, mode: str, image, regions, labels) -> None:
+    """Zero the gradients and back-propagate one batch in `mode` (ghost clipping needs its double backward)."""
     opt.zero_grad(set_to_none=True)
     losses = per_sample_loss(module(image, regions), labels)
     if mode == "ghost":
@@ -73,6 +73,11 @@ def dp_step(module: nn.Module, opt: Any, mode: str, image, regions, labels) -> N
         DPTensorFastGradientClipping(module, opt, losses, "mean").backward()
     else:
         losses.mean().backward()
+
+
+def dp_step(module: nn.Module, opt: Any, mode: str, image, regions, labels) -> None:
+    """One DP-SGD step in `mode`."""
+    dp_backward(module, opt, mode, image, regions, labels)
     opt.step()
 
 
@@ -102,14 +107,7 @@ def check_correct(build: Callable[[], nn.Module], mode: str, size: int, batch: i
     ref = reference_gradient(copy.deepcopy(base), image, regions, labels, clip)
     try:
         module, opt = private(copy.deepcopy(base), mode, batch, sigma=0.0, clip=clip)
-        opt.zero_grad(set_to_none=True)
-        losses = per_sample_loss(module(image, regions), labels)
-        if mode == "ghost":
-            from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
-            DPTensorFastGradientClipping(module, opt, losses, "mean").backward()
-        else:
-            losses.mean().backward()
+        dp_backward(module, opt, mode, image, regions, labels)
         opt.pre_step()
         got = [p.grad for p in opt.params]
     except Exception as exc:  # noqa: BLE001 - a mode that cannot handle a layer is reported, not fatal
