@@ -2,11 +2,17 @@
 on the union of the sites' training cases with the same number of training samples seen, both measured
 in this run; plus the bytes of weights exchanged per round.
 
-    python bench/bench_federation.py [--cases 60] [--size 16] [--rounds 3] [--out results/bench_federation]
+    python bench/bench_federation.py --manifest data/phantom/manifest.csv --sites site2,site3,site4 \
+        --cache cache/sim-32 [--size 32] [--rounds 3] [--local-epochs 1] [--out results/bench_federation]
+
+Without --manifest a small 3-site phantom is generated (a smoke run; per-round work is then too small
+for the ratio to mean much). Each side gets the whole machine: centralized training uses every core, each
+site max(1, cores // sites) threads. The sites score the global model once, after the last round
+(`evaluate_every: 0`), since the centralized run does not evaluate either.
 
 The federation is the real thing: `fedsubtype-server` (SuperLink, TLS + node authentication) and three
 `fedsubtype-client` SuperNodes on 127.0.0.1. Reported ratios (target ≤ 1.3 for the rounds):
-  rounds_ratio  = time spent in the rounds (first round sent → last round aggregated) ÷ centralized
+  rounds_ratio  = time spent in the training rounds (each round: weights sent → replies in) ÷ centralized
   total_ratio   = whole coordinator command (SuperLink start, key registration, waiting for sites,
                   rounds, model.pt) ÷ centralized
 Phantom numbers are engineering evidence, never clinical claims.
@@ -29,7 +35,8 @@ from pathlib import Path
 import yaml
 
 BIN = Path(sys.executable).parent
-MODEL = {"width": 8, "groups": 4, "feature_dim": 16, "hidden_dim": 16}
+MODEL: dict = {}
+"""The default (full) model."""
 
 
 def free_port() -> int:
@@ -39,7 +46,7 @@ def free_port() -> int:
 
 
 def centralized_seconds(manifest: Path, sites: list[str], cache: Path, size: int, samples: int, batch: int,
-                        lr: float, seed: int) -> tuple[float, int]:
+                        lr: float, seed: int, threads: int) -> tuple[float, int]:
     """Train on the union of the sites' local training splits until `samples` samples were seen."""
     from fedsubtype.dataset import CaseDataset
     from fedsubtype.federated import SiteAlgo
@@ -58,12 +65,17 @@ def centralized_seconds(manifest: Path, sites: list[str], cache: Path, size: int
     data = CaseDataset(union, PreprocessCache(cache, prep))
     steps = max(1, math.ceil(samples / batch))
     cfg = TrainConfig(epochs=10_000, max_steps=steps, batch_size=batch, lr=lr, patience=None, augment=False,
-                      seed=seed, threads=1, progress=False, warmup_fraction=0.0, schedule="constant")
+                      seed=seed, threads=threads, progress=False, warmup_fraction=0.0, schedule="constant")
     seed_everything(seed)
     model = build_model(ModelConfig(**MODEL))
     t0 = time.perf_counter()
     result = fit(model, data, None, cfg, log=lambda m: None)
     return time.perf_counter() - t0, result.samples_seen
+
+
+def site_threads(n_sites: int) -> int:
+    """Threads per site so that the sites together use the machine's cores."""
+    return max(1, (os.cpu_count() or 1) // n_sites)
 
 
 def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, args) -> dict:
@@ -76,8 +88,8 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
     port = free_port()
     run_dir = root / f"run-{port}"
     fed = {"sites": [{"name": s, "public_key": str(creds / "sites" / f"{s}.pub")} for s in sites],
-           "run_dir": str(run_dir), "rounds": args.rounds, "strategy": "fedavg", "local_epochs": 1,
-           "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr, "min_sites": len(sites),
+           "run_dir": str(run_dir), "rounds": args.rounds, "strategy": "fedavg",
+           "local_epochs": args.local_epochs, "local_steps": args.local_steps, "evaluate_every": 0, "batch_size": args.batch_size, "lr": args.lr, "min_sites": len(sites),
            "augment": False, "seed": args.seed, "port": port, "model": MODEL, "preprocess": {"size": args.size},
            "tls": {"ca_certificate": str(creds / "ca.crt"), "certificate": str(creds / "server.crt"),
                    "private_key": str(creds / "server.key")}}
@@ -94,7 +106,7 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
             site = {"name": s, "manifest": str(manifest), "manifest_site": s, "superlink": f"127.0.0.1:{port}",
                     "ca_certificate": str(creds / "ca.crt"), "auth_private_key": str(creds / "sites" / f"{s}.key"),
                     "local_port": free_port(), "work_dir": str(root / f"state-{port}-{s}"), "cache": str(cache),
-                    "threads": 1, "connect_timeout_s": 600, "preprocess": {"size": args.size}}
+                    "threads": site_threads(len(sites)), "connect_timeout_s": 600, "preprocess": {"size": args.size}}
             path = root / f"{s}.yaml"
             path.write_text(yaml.safe_dump(site), encoding="utf-8")
             procs.append(subprocess.Popen([str(BIN / "fedsubtype-client"), "--site", str(path), "--quiet"],
@@ -122,12 +134,15 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", type=Path, help="a 3-site manifest (default: generate a phantom)")
-    p.add_argument("--cases", type=int, default=60)
-    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--manifest", type=Path, help="a manifest with a site column (default: generate a small phantom)")
+    p.add_argument("--sites", help="comma-separated sites of the manifest to federate (default: all)")
+    p.add_argument("--cache", type=Path, help="preprocessing cache (default: <out>/cache)")
+    p.add_argument("--cases", type=int, default=60, help="cases of the generated phantom")
+    p.add_argument("--size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--local-steps", type=int, default=None, help="cap on local steps per round")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="federated/centralized pairs (median reported)")
@@ -146,20 +161,28 @@ def main() -> int:
 
     with open(manifest, newline="", encoding="utf-8") as fh:
         sites = sorted({row["site"] for row in csv.DictReader(fh)})
-    cache = root / "cache"
+    if args.sites:
+        wanted = [s.strip() for s in args.sites.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in sites]
+        if unknown:
+            raise SystemExit(f"bench_federation: site(s) {', '.join(unknown)} not in {manifest}; it has {', '.join(sites)}")
+        sites = wanted
+    cache = args.cache.resolve() if args.cache is not None else root / "cache"
 
     pairs = []
     for rep in range(args.repeats):
         fed = run_federation(root, Path(manifest), sites, cache, args)
         train = [r for r in fed["records"] if r["phase"] == "train"]
         samples = int(sum(a["metrics"]["samples-seen"] for r in train for a in r["answered"]))
-        rounds_s = sum(r["seconds"] for r in fed["records"])
+        rounds_s = sum(r["seconds"] for r in fed["records"] if r["phase"] == "train")
+        evaluate_s = sum(r["seconds"] for r in fed["records"] if r["phase"] == "evaluate")
         central_s, central_samples = centralized_seconds(Path(manifest), sites, cache, args.size, samples,
-                                                         args.batch_size, args.lr, args.seed)
+                                                         args.batch_size, args.lr, args.seed, os.cpu_count() or 1)
         bytes_per_round = statistics.median(r["bytes_down"] + r["bytes_up"] for r in fed["records"]
                                             if r["phase"] == "train")
-        eval_bytes = statistics.median(r["bytes_down"] for r in fed["records"] if r["phase"] == "evaluate")
-        pairs.append({"federated_total_s": fed["total_s"], "federated_rounds_s": rounds_s, "centralized_s": central_s,
+        eval_bytes = statistics.median([r["bytes_down"] for r in fed["records"] if r["phase"] == "evaluate"] or [0])
+        pairs.append({"federated_total_s": fed["total_s"], "federated_rounds_s": rounds_s,
+                      "federated_evaluate_s": evaluate_s, "centralized_s": central_s,
                       "samples_federated": samples, "samples_centralized": central_samples,
                       "train_bytes_per_round": bytes_per_round, "evaluate_bytes_per_round": eval_bytes})
         print(json.dumps(pairs[-1]), flush=True)
@@ -170,7 +193,8 @@ def main() -> int:
         "rounds_ratio": med["federated_rounds_s"] / med["centralized_s"],
         "total_ratio": med["federated_total_s"] / med["centralized_s"],
         "target_rounds_ratio": 1.3,
-        "sites": sites, "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
+        "sites": sites, "rounds": args.rounds, "local_epochs": args.local_epochs, "local_steps": args.local_steps,
+        "batch_size": args.batch_size, "site_threads": site_threads(len(sites)),
         "size": args.size, "repeats": args.repeats, "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "note": "phantom data; engineering evidence, never clinical claims",

@@ -153,7 +153,6 @@ class SiteAlgo:
         every image at each round; `revalidate=True` forces the full check.
         """
         from .manifest import load_manifest
-        from .splits import stratified_split
         from .validation import validate_cases
 
         site = self.site
@@ -162,32 +161,49 @@ class SiteAlgo:
             cases = [c for c in cases if c.site == site.manifest_site]
         record = site.state_dir() / "validated.json"
         key = f"{_sha256(site.manifest)}:{site.manifest_site}"
-        usable_ids: set[str] | None = None
-        if not revalidate and record.is_file():
-            try:
-                saved = json.loads(record.read_text(encoding="utf-8"))
-                if saved.get("key") == key:
-                    usable_ids = set(saved["usable"])
-            except (ValueError, KeyError):
-                usable_ids = None
-        if usable_ids is None:
+        saved: dict[str, Any] = {}
+        before = record.read_text(encoding="utf-8") if record.is_file() else ""
+        try:
+            saved = json.loads(before) if before else {}
+        except ValueError:
+            saved = {}
+        if revalidate or saved.get("key") != key or not isinstance(saved.get("usable"), list):
             report = validate_cases(cases, progress=self.progress)
             self.problems = list(table_problems) + list(report.problems)
             self.cases = list(report.cases)
-            atomic_write_text(record, json.dumps({"key": key, "usable": sorted(c.case_id for c in self.cases)}))
+            saved = {"key": key, "usable": sorted(c.case_id for c in self.cases)}
         else:
+            usable_ids = set(saved["usable"])
             self.problems = list(table_problems)
             self.cases = [c for c in cases if c.case_id in usable_ids]
         if not self.cases:
             raise UserError("no usable cases at this site", "run `fedsubtype validate` on the manifest",
                             where=str(site.manifest))
-        self.splits = stratified_split(self.cases, (1.0 - site.val_fraction, site.val_fraction, 0.0),
-                                       seed=site.split_seed)
+        self.splits = self._splits(saved)
+        if json.dumps(saved) != before:
+            atomic_write_text(record, json.dumps(saved))
         if not self.splits["train"]:
             raise UserError("the site's training split is empty", "add cases or lower val_fraction",
                             where=str(site.manifest))
         self.use_preprocess(preprocess if preprocess is not None else site.preprocess)
         return self
+
+    def _splits(self, saved: dict[str, Any]) -> dict[str, list[Any]]:
+        """The stratified train/val split, remembered in `saved` so that a new ClientApp process (one per
+        message) neither recomputes it nor imports scikit-learn to do so."""
+        from .splits import stratified_split
+
+        split_key = f"{self.site.val_fraction}:{self.site.split_seed}"
+        by_id = {c.case_id: c for c in self.cases}
+        remembered = saved.get("splits")
+        if saved.get("split_key") == split_key and isinstance(remembered, dict) \
+                and sorted(i for ids in remembered.values() for i in ids) == sorted(by_id):
+            return {name: [by_id[i] for i in ids] for name, ids in remembered.items()}
+        splits = stratified_split(self.cases, (1.0 - self.site.val_fraction, self.site.val_fraction, 0.0),
+                                  seed=self.site.split_seed)
+        saved["split_key"] = split_key
+        saved["splits"] = {name: [c.case_id for c in group] for name, group in splits.items()}
+        return splits
 
     def use_preprocess(self, preprocess: Any) -> None:
         """Point the datasets at the cache for `preprocess` (warming it when new)."""

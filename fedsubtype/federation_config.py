@@ -67,6 +67,9 @@ class FederationConfig:
     """Sites that must be connected to start and must answer for a round to count."""
     fraction_train: float = 1.0
     """Share of connected sites asked to train each round."""
+    evaluate_every: int = 1
+    """Ask the sites to score the global model every this many rounds (0: only after the last round, which is
+    always scored). Each evaluation is one more message exchange per site, so sparse evaluation saves time."""
     round_timeout_s: float = 600.0
     """How long a round waits for answers; late or failed sites are left out of that round."""
     local_norm: bool = False
@@ -110,6 +113,8 @@ class FederationConfig:
                       "lower min_sites or list more sites")
         if not 0.0 < self.fraction_train <= 1.0:
             raise bad("fraction_train", f"must be in (0, 1], got {self.fraction_train}", "use 1.0")
+        if self.evaluate_every < 0:
+            raise bad("evaluate_every", f"must be >= 0, got {self.evaluate_every}", "use 1 (every round) or 0 (last only)")
         if self.round_timeout_s <= 0 or self.wait_for_sites_s <= 0:
             raise bad("round_timeout_s", "timeouts must be positive", "e.g. 600")
         if not 0 < self.port < 65536:

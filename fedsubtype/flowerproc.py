@@ -41,6 +41,10 @@ def die_with_parent() -> None:
         pass
 
 
+TASK_POLL_S = "0.2"
+"""How often Flower's SuperExec looks for a task to launch (its default, 1 s, is paid once per message)."""
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower's programs: ours, with this interpreter's scripts folder first on PATH, because
     Flower starts flower-superexec, flwr-clientapp and flwr-serverapp by name (an unactivated venv lacks them)."""
@@ -48,7 +52,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     path = os.environ.get("PATH", "")
     if bindir not in path.split(os.pathsep):
         path = bindir + os.pathsep + path if path else bindir
-    return {**os.environ, "PATH": path, **(extra or {})}
+    return {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": TASK_POLL_S, **os.environ, "PATH": path, **(extra or {})}
 
 
 def start(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None,

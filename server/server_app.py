@@ -32,6 +32,8 @@ PROGRESS = "[fedsubtype]"
 """Prefix of the progress lines `fedsubtype-server` shows."""
 STATE_ATTRS = ("m_t", "v_t")
 """Strategy attributes saved in checkpoints (FedAdam/FedYogi moments)."""
+POLL_S = 0.2
+"""How often replies are pulled from the SuperLink (Grid.send_and_receive sleeps 3 s between pulls)."""
 
 
 def say(msg: str) -> None:
@@ -126,12 +128,32 @@ def _node_names(run_dir: Path) -> dict[int, str]:
         return {}
 
 
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll_s: float = POLL_S) -> list[Message]:
+    """Push `messages` and pull their replies until all arrived or `timeout` passed."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    return replies
+
+
+def evaluates_after(rnd: int, cfg: FederationConfig) -> bool:
+    """Whether the global model after round `rnd` is scored at the sites (always after the last round)."""
+    return rnd == cfg.rounds or (cfg.evaluate_every > 0 and rnd % cfg.evaluate_every == 0)
+
+
 def _phase(grid: Grid, cfg: FederationConfig, messages: list[Message], rnd: int, phase: str) -> tuple[RoundRecord, list[Message]]:
     """Send one phase's messages, wait up to the round timeout, and sort replies into answers and failures."""
     t0 = time.perf_counter()
     names = _node_names(cfg.run_dir)
     down = sum(m.content.array_records["arrays"].count_bytes() for m in messages if "arrays" in m.content.array_records)
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s)) if messages else []
+    replies = exchange(grid, messages, cfg.round_timeout_s) if messages else []
     target = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
     ok, results, failed, seen = [], [], [], set()
     for msg in replies:
@@ -213,13 +235,15 @@ def run_federation(grid: Grid, cfg: FederationConfig, resume: bool) -> Path:
         for line in train_rec.failed:
             say(f"round {rnd}: left out {line}")
 
-        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base)), grid))
-        eval_rec, ok = _phase(grid, cfg, eval_msgs, rnd, "evaluate")
-        if ok:
-            eval_rec.aggregated = {k: float(v) for k, v in nan_aware_mean([m.content for m in ok], "num-examples").items()}
-        store.add(eval_rec)
-        say(f"round {rnd}/{cfg.rounds} evaluate: {len(eval_rec.answered)}/{eval_rec.asked} sites; "
-            + _fmt(eval_rec.aggregated, ("mean-auc", "er-auc", "pr-auc", "her2-auc", "ki67-mae")))
+        if evaluates_after(rnd, cfg):
+            eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base)), grid))
+            eval_rec, ok = _phase(grid, cfg, eval_msgs, rnd, "evaluate")
+            if ok:
+                eval_rec.aggregated = {k: float(v) for k, v in
+                                       nan_aware_mean([m.content for m in ok], "num-examples").items()}
+            store.add(eval_rec)
+            say(f"round {rnd}/{cfg.rounds} evaluate: {len(eval_rec.answered)}/{eval_rec.asked} sites; "
+                + _fmt(eval_rec.aggregated, ("mean-auc", "er-auc", "pr-auc", "her2-auc", "ki67-mae")))
 
         state = {name: getattr(strategy, name) for name in STATE_ATTRS if getattr(strategy, name, None) is not None}
         store.save_checkpoint(rnd, arrays.to_numpy_ndarrays(), cfg.strategy, state)

@@ -146,3 +146,24 @@ def test_clientapp_errors_leave_no_site_details(site_file, tmp_path):
         app(bad, ctx)
     text = str(err.value)
     assert "ValueError" in text and str(site_file.parent) not in text and "/" not in text
+
+
+def test_a_new_process_reuses_the_remembered_split(site_file, algo, monkeypatch):
+    """A ClientApp process per message must find the same split without recomputing it (nor importing sklearn)."""
+    import fedsubtype.splits
+    from fedsubtype.federated import SiteAlgo
+    from fedsubtype.site_config import load_site_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the split was recomputed")
+
+    monkeypatch.setattr(fedsubtype.splits, "stratified_split", refuse)
+    again = SiteAlgo(load_site_config(site_file)).initialize()
+    assert {k: [c.case_id for c in v] for k, v in again.splits.items()} == \
+        {k: [c.case_id for c in v] for k, v in algo.splits.items()}
+
+    # a different split seed is a different split: recomputed, not served from the record
+    site = load_site_config(site_file)
+    site.split_seed = site.split_seed + 1
+    with pytest.raises(AssertionError, match="recomputed"):
+        SiteAlgo(site).initialize()

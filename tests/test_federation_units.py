@@ -267,3 +267,45 @@ def test_strategies_are_built_from_the_config():
     assert make_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.3)).proximal_mu == 0.3
     rc = round_config(FederationConfig(local_steps=5), "rid")
     assert rc["local-steps"] == 5 and rc["run-id"] == "rid" and json.loads(rc["model-config"])["variant"] == "full"
+
+
+def test_sparse_evaluation_always_scores_the_last_round():
+    from fedsubtype.federation_config import FederationConfig
+    from server.server_app import evaluates_after
+
+    every = FederationConfig(rounds=5)
+    assert [r for r in range(1, 6) if evaluates_after(r, every)] == [1, 2, 3, 4, 5]
+    assert [r for r in range(1, 6) if evaluates_after(r, FederationConfig(rounds=5, evaluate_every=2))] == [2, 4, 5]
+    assert [r for r in range(1, 6) if evaluates_after(r, FederationConfig(rounds=5, evaluate_every=0))] == [5]
+    with pytest.raises(ConfigError, match="evaluate_every"):
+        FederationConfig(evaluate_every=-1).validate()
+
+
+class _SlowGrid:
+    """Replies to each pushed message after `delay_pulls` pulls; `never` ids are never answered."""
+
+    def __init__(self, delay_pulls: int, never: set[str] = frozenset()):
+        self.delay, self.never, self.pulls = delay_pulls, set(never), 0
+
+    def push_messages(self, messages):
+        return [m for m in messages]
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        if self.pulls < self.delay:
+            return []
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids if i not in self.never]
+
+
+def test_exchange_polls_until_every_reply_or_the_timeout():
+    from server.server_app import exchange
+
+    grid = _SlowGrid(delay_pulls=3)
+    replies = exchange(grid, ["a", "b"], timeout=10, poll_s=0.01)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"] and grid.pulls == 3
+
+    grid = _SlowGrid(delay_pulls=1, never={"b"})
+    replies = exchange(grid, ["a", "b"], timeout=0.1, poll_s=0.01)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"] and grid.pulls > 1
