@@ -3,7 +3,8 @@
     nice -n 10 python bench/bench_dp.py                 # full model, batch 8, 64³ (the issue's setting)
     python bench/bench_dp.py --size 32 --steps 3        # quicker look
 
-For each mode (Opacus hooks, functorch, ghost clipping) the script first checks it is *correct* on a
+For each mode (Opacus hooks with fedsubtype's grouped-convolution Conv3d per-case gradients — the default —,
+Opacus hooks with its stock unfold-based Conv3d sampler, functorch, ghost clipping) the script first checks it is *correct* on a
 small batch — its clipped, summed gradient (σ = 0) must equal a per-sample reference computed one case at
 a time with plain autograd — then times forward + backward + clip/noise + AdamW steps on the full model
 at the chosen size, alternating with plain (non-DP) steps in the same process (P, D, P, D, … so both see
@@ -28,7 +29,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-MODES = ("hooks", "functorch", "ghost")
+MODES = ("hooks", "hooks-unfold", "functorch", "ghost")
+"""`hooks` uses fedsubtype.privacy.conv_grad for Conv3d (what the DP engine uses); `hooks-unfold` Opacus's own."""
+
+
+def opacus_mode(mode: str) -> str:
+    """Register the Conv3d per-case gradient the mode stands for; return Opacus's grad_sample_mode."""
+    from fedsubtype.privacy.conv_grad import register
+
+    register(native=mode != "hooks-unfold")
+    return "hooks" if mode == "hooks-unfold" else mode
 TARGET_RATIO = 2.0
 
 
@@ -56,7 +66,7 @@ def private(model: nn.Module, mode: str, batch: int, sigma: float, clip: float) 
     dummy = DataLoader(TensorDataset(torch.zeros(batch * 4, 1)), batch_size=batch)
     engine = PrivacyEngine(accountant="prv")
     out = engine.make_private(module=model, optimizer=opt, data_loader=dummy, noise_multiplier=sigma,
-                              max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode,
+                              max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=opacus_mode(mode),
                               criterion=nn.MSELoss())
     module, dp_opt = out[0], out[1]
     dp_opt.expected_batch_size = batch

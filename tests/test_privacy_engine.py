@@ -181,3 +181,50 @@ def test_every_poisson_draw_is_either_a_batch_or_a_noise_only_step():
         assert len(batches) + hook.steps == 16  # noise-only steps were taken for the empty draws
         empties_seen += hook.steps
     assert empties_seen > 0
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=3, stride=1, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=(3, 1, 2), stride=(2, 1, 1), padding=(1, 0, 1), dilation=(1, 1, 2)),
+    dict(kernel_size=1, stride=1, padding=0),
+    dict(kernel_size=3, stride=1, padding=1, groups=3, out_channels=6),
+])
+def test_grouped_conv3d_grads_equal_per_case_autograd(kwargs):
+    """fedsubtype's Conv3d grad sampler gives each case's own gradient (autograd, one case at a time),
+    including strided, dilated, bias-free and grouped layers."""
+    import torch
+    from torch import nn
+
+    from fedsubtype.privacy.conv_grad import conv3d_per_case_grads
+
+    torch.manual_seed(0)
+    layer = nn.Conv3d(3, kwargs.pop("out_channels", 4), **kwargs).double()
+    x = torch.randn(5, 3, 7, 8, 9, dtype=torch.double)
+    out = layer(x)
+    target = torch.randn_like(out)
+    backprops = target  # d(sum(out * target))/d(out)
+    got = conv3d_per_case_grads(layer, x, backprops)
+    for i in range(x.shape[0]):
+        layer.zero_grad()
+        (layer(x[i:i + 1]) * target[i:i + 1]).sum().backward()
+        assert torch.allclose(got[layer.weight][i], layer.weight.grad, atol=1e-10)
+        if layer.bias is not None:
+            assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-10)
+    assert set(got) == {layer.weight} | ({layer.bias} if layer.bias is not None else set())
+
+
+def test_the_dp_engine_uses_fedsubtypes_conv3d_sampler():
+    import torch
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+    from torch import nn
+
+    from fedsubtype.privacy.conv_grad import register
+
+    register(native=False)
+    stock = GradSampleModule.GRAD_SAMPLERS[nn.Conv3d]
+    model = build_model(TINY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    OpacusPrivacy(_plan(16), seed=0).make_private(model, opt, torch.utils.data.DataLoader(TinyCases(16), batch_size=8))
+    sampler = GradSampleModule.GRAD_SAMPLERS[nn.Conv3d]
+    assert sampler is not stock and sampler.__module__ == "fedsubtype.privacy.conv_grad"

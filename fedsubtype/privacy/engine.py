@@ -119,6 +119,9 @@ class OpacusPrivacy:
         from opacus import PrivacyEngine
         from opacus.data_loader import DPDataLoader
 
+        from .conv_grad import register
+
+        register()  # per-case Conv3d gradients without the unfolded input (see conv_grad.py)
         model.train()  # Opacus wraps modules in training mode (the model may come back from eval)
         check_model(model)
         logging.getLogger("opacus").setLevel(logging.ERROR)
