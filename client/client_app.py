@@ -35,7 +35,7 @@ def _algo(context: Context) -> SiteAlgo:
     key = str(Path(str(path)).resolve())
     if key not in _ALGOS:
         site = load_site_config(key)
-        _ALGOS[key] = SiteAlgo(site, log=_log.info).initialize()
+        _ALGOS[key] = SiteAlgo(site, log=_log.info).initialize(warm=False)  # fedsubtype-client warmed it
     return _ALGOS[key]
 
 

@@ -146,11 +146,13 @@ class SiteAlgo:
         self._privacy: Any = None  # fedsubtype.privacy.site.SitePrivacy of the current run (DP enabled only)
 
     # ---------------------------------------------------------------- lifecycle
-    def initialize(self, preprocess: Any | None = None, *, revalidate: bool = False) -> "SiteAlgo":
+    def initialize(self, preprocess: Any | None = None, *, revalidate: bool = False, warm: bool = True) -> "SiteAlgo":
         """Read + validate the manifest (as `fedsubtype validate`), split train/val stratified, warm the cache.
 
         A validation record in the site's state folder (keyed by the manifest's content) spares re-reading
-        every image at each round; `revalidate=True` forces the full check.
+        every image at each round; `revalidate=True` forces the full check. `warm=False` skips checking
+        every cache entry up front (a ClientApp process, after `fedsubtype-client` warmed the cache at
+        start-up; a missing entry is still computed when first read).
         """
         from .manifest import load_manifest
         from .validation import validate_cases
@@ -185,7 +187,7 @@ class SiteAlgo:
         if not self.splits["train"]:
             raise UserError("the site's training split is empty", "add cases or lower val_fraction",
                             where=str(site.manifest))
-        self.use_preprocess(preprocess if preprocess is not None else site.preprocess)
+        self.use_preprocess(preprocess if preprocess is not None else site.preprocess, warm=warm)
         return self
 
     def _splits(self, saved: dict[str, Any]) -> dict[str, list[Any]]:
@@ -205,8 +207,8 @@ class SiteAlgo:
         saved["splits"] = {name: [c.case_id for c in group] for name, group in splits.items()}
         return splits
 
-    def use_preprocess(self, preprocess: Any) -> None:
-        """Point the datasets at the cache for `preprocess` (warming it when new)."""
+    def use_preprocess(self, preprocess: Any, *, warm: bool = True) -> None:
+        """Point the datasets at the cache for `preprocess` (warming it when new, unless `warm=False`)."""
         from .cache import PreprocessCache
         from .dataset import CaseDataset
 
@@ -214,7 +216,8 @@ class SiteAlgo:
             return
         self._preprocess = preprocess
         self._cache = PreprocessCache(self.site.cache_dir(), preprocess)
-        self._cache.warm(self.cases, workers=self.site.cache_workers, progress=self.progress)
+        if warm:
+            self._cache.warm(self.cases, workers=self.site.cache_workers, progress=self.progress)
         self._datasets = {name: CaseDataset(cases, self._cache) for name, cases in self.splits.items() if cases}
 
     def local_summary(self) -> dict[str, Any]:

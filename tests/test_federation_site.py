@@ -167,3 +167,20 @@ def test_a_new_process_reuses_the_remembered_split(site_file, algo, monkeypatch)
     site.split_seed = site.split_seed + 1
     with pytest.raises(AssertionError, match="recomputed"):
         SiteAlgo(site).initialize()
+
+
+def test_a_clientapp_process_reads_the_cache_lazily(site_file, algo, tmp_path):
+    """initialize(warm=False) touches no cache entry up front; the ones needed are built when first read."""
+    from fedsubtype.federated import SiteAlgo
+    from fedsubtype.site_config import load_site_config
+
+    site = load_site_config(site_file)
+    site.cache = tmp_path / "fresh-cache"
+    lazy = SiteAlgo(site).initialize(warm=False)
+    assert not list(site.cache_dir().rglob("*.fspc"))
+    n_val, metrics = lazy.evaluate(_global_weights(), ROUND)
+    assert len(list(site.cache_dir().rglob("*.fspc"))) == n_val == len(lazy.splits["val"])
+    expected = algo.evaluate(_global_weights(), ROUND)[1]
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, nan_ok=True)
