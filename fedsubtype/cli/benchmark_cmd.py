@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--rows", default=None, help="comma-separated subset of rows (default: all nine)")
     paper.add_argument("--external-site", default=None, help="site held out as external (default: the smallest)")
     paper.add_argument("--size", type=int, default=32, help="model input edge in voxels (default: 32)")
+    paper.add_argument("--min-fov-mm", type=float, default=0.0,
+                       help="smallest field of view in mm; a fixed FOV (e.g. 64) keeps tumour size visible to the "
+                            "network (default: 0, the FOV follows the tumour's extent)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=int, default=4, help="early-stopping patience in epochs (default: 4)")
     paper.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for CIs (default: 500)")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     bench = PaperBenchmark(
         manifest=Path(manifest), out=args.out, cache_dir=args.cache, seeds=args.seeds, rows=rows,
         external_site=args.external_site, workers=max(1, args.workers), n_boot=args.n_boot,
-        preprocess=from_dict(PreprocessConfig, {"size": args.size}, "--size"),
+        preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "progress": False,
                                          "device": args.device}, "training"),
     )
