@@ -140,3 +140,23 @@ def test_shipped_scenarios_validate() -> None:
     for name in ("quick", "paper", "heterogeneity", "privacy"):
         scen = load_scenario(root / f"{name}.yaml")
         assert scen.name == name and scen.settings()
+
+
+def _sweep_record(setting: str, seed: int, auc: float, eps: float | None) -> dict:
+    metrics = {"pooled": {"mean_auc": auc, "er": {"auc": auc}, "pr": {"auc": auc}, "her2": {"auc": auc},
+                          "ki67": {"mae": 10.0 + seed}}}
+    history = [{"round": 1, "epoch_equiv": 1, **({"epsilon": eps} if eps is not None else {})}]
+    return {"setting": setting, "method": "fedavg", "family": "fedavg", "holdout": "none", "seed": seed,
+            "history": {"global": history}, "evaluations": [{"model": "global", "metrics": metrics}]}
+
+
+def test_a_sweep_gets_a_table_of_spent_epsilon_and_a_plot(tmp_path: Path) -> None:
+    from simulation.report import plot_sweep, sweep_table
+
+    records = [_sweep_record("eps=inf", s, 0.80 + 0.01 * s, None) for s in (0, 1)]
+    records += [_sweep_record("eps=3", s, 0.70 + 0.01 * s, 2.9 + 0.1 * s) for s in (0, 1)]
+    table = sweep_table(records).splitlines()
+    assert table[2].startswith("| eps=inf | fedavg | 2 | — (no DP) | 0.805 ± 0.007 |")
+    assert table[3].startswith("| eps=3 | fedavg | 2 | 2.95 ± 0.07 | 0.705 ± 0.007 |")
+    assert plot_sweep(records, tmp_path / "sweep.png") and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot_sweep(records[:2], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
