@@ -19,6 +19,7 @@ from fedsubtype.federated import SiteAlgo
 from fedsubtype.privacy.site import PrivacyBudgetExhausted
 from fedsubtype.privacy.site_level import site_level_clipping_mod
 from fedsubtype.site_config import load_site_config
+from fedsubtype.transport import LAYOUT_KEY, pack, unpack
 
 SITE_CONFIG_KEY = "site-config"
 app = ClientApp(mods=[site_level_clipping_mod])  # a pass-through unless the round asks for site-level clipping
@@ -56,10 +57,12 @@ def train(msg: Message, context: Context) -> Message:
     """Local training round from the global weights."""
     def body() -> Message:
         algo = _algo(context)
-        weights = msg.content["arrays"].to_numpy_ndarrays()
         config = dict(msg.content["config"]) if "config" in msg.content else {}
+        layout = config.get(LAYOUT_KEY)
+        weights = unpack(msg.content["arrays"].to_numpy_ndarrays(), layout)
         new_weights, _, metrics = algo.train(weights, config)
-        content = RecordDict({"arrays": ArrayRecord(new_weights), "metrics": MetricRecord(metrics),
+        content = RecordDict({"arrays": ArrayRecord(pack(new_weights) if layout else new_weights),
+                              "metrics": MetricRecord(metrics),
                               "site": ConfigRecord({"name": algo.site.name})})
         return Message(content=content, reply_to=msg)
     return _guarded("training", body)
@@ -70,8 +73,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global weights on the site's local validation split."""
     def body() -> Message:
         algo = _algo(context)
-        weights = msg.content["arrays"].to_numpy_ndarrays()
         config = dict(msg.content["config"]) if "config" in msg.content else {}
+        weights = unpack(msg.content["arrays"].to_numpy_ndarrays(), config.get(LAYOUT_KEY))
         _, metrics = algo.evaluate(weights, config)
         content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": algo.site.name})})
         return Message(content=content, reply_to=msg)

@@ -26,6 +26,7 @@ from fedsubtype.configio import from_dict, to_dict
 from fedsubtype.federation_config import FederationConfig
 from fedsubtype.privacy.site_level import round_config_entries, wrap_strategy
 from fedsubtype.runstore import RoundRecord, RunStore, SiteResult
+from fedsubtype.transport import LAYOUT_KEY, layout_of, pack, unpack
 
 app = ServerApp()
 PROGRESS = "[fedsubtype]"
@@ -206,8 +207,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, resume: bool) -> Path:
         store.truncate_after(0)
         seed_everything(cfg.seed)
         weights = get_weights(build_model(cfg.model))
-    arrays = ArrayRecord(weights)
+    layout = layout_of(weights)
+    arrays = ArrayRecord(pack(weights))  # one array per message: see fedsubtype/transport.py
     base = round_config(cfg, run_id_of(cfg.run_dir))
+    base[LAYOUT_KEY] = layout
     say(f"strategy {cfg.strategy}, {cfg.rounds} rounds, waiting for at least {cfg.min_sites} site(s)")
 
     for rnd in range(start, cfg.rounds + 1):
@@ -246,12 +249,12 @@ def run_federation(grid: Grid, cfg: FederationConfig, resume: bool) -> Path:
                 + _fmt(eval_rec.aggregated, ("mean-auc", "er-auc", "pr-auc", "her2-auc", "ki67-mae")))
 
         state = {name: getattr(strategy, name) for name in STATE_ATTRS if getattr(strategy, name, None) is not None}
-        store.save_checkpoint(rnd, arrays.to_numpy_ndarrays(), cfg.strategy, state)
+        store.save_checkpoint(rnd, unpack(arrays.to_numpy_ndarrays(), layout), cfg.strategy, state)
         say(f"round {rnd}/{cfg.rounds} checkpoint saved; "
             f"{(train_rec.bytes_down + train_rec.bytes_up) / 1e6:.2f} MB of weights exchanged in training")
 
     final = store.latest_checkpoint()
-    final_weights = final[1] if final is not None else arrays.to_numpy_ndarrays()
+    final_weights = final[1] if final is not None else unpack(arrays.to_numpy_ndarrays(), layout)
     sites = sorted({a["site"] for r in store.records for a in r["answered"]})
     metadata = {
         "source": "federated", "strategy": cfg.strategy, "rounds": cfg.rounds, "proximal_mu": cfg.proximal_mu,

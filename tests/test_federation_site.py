@@ -108,14 +108,16 @@ def test_clientapp_replies_carry_only_weights_and_aggregates(site_file, algo):
 
     from client.client_app import app
     from fedsubtype.federated import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
+    from fedsubtype.transport import LAYOUT_KEY, layout_of, pack, unpack
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
     ctx = Context(run_id=1, node_id=7, node_config={"site-config": str(site_file)}, state=RecordDict(), run_config={})
     w0 = _global_weights()
     secrets = {c.case_id for c in algo.cases} | {str(c.image) for c in algo.cases} | {str(site_file.parent)}
 
+    packed = {**ROUND, LAYOUT_KEY: layout_of(w0)}  # what the ServerApp sends: one array and its layout
     for kind, keys in (("train", TRAIN_METRIC_KEYS), ("evaluate", EVAL_METRIC_KEYS)):
-        msg = _message(kind, RecordDict({"arrays": ArrayRecord(w0), "config": ConfigRecord(dict(ROUND))}))
+        msg = _message(kind, RecordDict({"arrays": ArrayRecord(pack(w0)), "config": ConfigRecord(packed)}))
         reply = app(msg, ctx)
         assert not reply.has_error()
         content = reply.content
@@ -125,7 +127,9 @@ def test_clientapp_replies_carry_only_weights_and_aggregates(site_file, algo):
         assert set(content.config_records) == {"site"} and dict(content["site"]) == {"name": "site1"}
         if kind == "train":
             assert set(content.array_records) == {"arrays"}
-            assert len(content["arrays"].to_numpy_ndarrays()) == len(w0)
+            sent = content["arrays"].to_numpy_ndarrays()
+            assert len(sent) == 1  # packed like the request
+            assert [a.shape for a in unpack(sent, packed[LAYOUT_KEY])] == [a.shape for a in w0]
             assert content["metrics"]["num-examples"] == len(algo.splits["train"])
         else:
             assert not content.array_records

@@ -309,3 +309,19 @@ def test_exchange_polls_until_every_reply_or_the_timeout():
     grid = _SlowGrid(delay_pulls=1, never={"b"})
     replies = exchange(grid, ["a", "b"], timeout=0.1, poll_s=0.01)
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"] and grid.pulls > 1
+
+
+def test_weights_travel_as_one_packed_array():
+    from fedsubtype.transport import layout_of, pack, unpack
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=s).astype(np.float32) for s in [(4, 3, 3, 3, 3), (4,), (2, 4), ()]]
+    packed = pack(arrays)
+    assert len(packed) == 1 and packed[0].dtype == np.float32 and packed[0].size == sum(a.size for a in arrays)
+    back = unpack(packed, layout_of(arrays))
+    assert all(b.shape == a.shape and np.array_equal(a, b) for a, b in zip(arrays, back))
+    assert unpack(arrays, None) == arrays  # no layout: per-tensor arrays pass through
+    with pytest.raises(ValueError, match="expected one packed array of 123 values"):
+        unpack([np.zeros(122, np.float32)], json.dumps([[123]]))
+    with pytest.raises(ValueError, match="only float32"):
+        pack([np.zeros(3, np.float64)])
