@@ -180,11 +180,16 @@ def main() -> int:
                                                          args.batch_size, args.lr, args.seed, os.cpu_count() or 1)
         bytes_per_round = statistics.median(r["bytes_down"] + r["bytes_up"] for r in fed["records"]
                                             if r["phase"] == "train")
+        # what a round costs beyond its slowest site's own training: message transport, one ClientApp
+        # process per message (Python, Flower, PyTorch imports), polling, aggregation, checkpoint
+        beyond = statistics.median(r["seconds"] - max((a["metrics"].get("seconds", 0.0) for a in r["answered"]), default=0.0)
+                                   for r in train)
         eval_bytes = statistics.median([r["bytes_down"] for r in fed["records"] if r["phase"] == "evaluate"] or [0])
         pairs.append({"federated_total_s": fed["total_s"], "federated_rounds_s": rounds_s,
                       "federated_evaluate_s": evaluate_s, "centralized_s": central_s,
                       "samples_federated": samples, "samples_centralized": central_samples,
-                      "train_bytes_per_round": bytes_per_round, "evaluate_bytes_per_round": eval_bytes})
+                      "train_bytes_per_round": bytes_per_round, "evaluate_bytes_per_round": eval_bytes,
+                      "round_overhead_s": beyond})
         print(json.dumps(pairs[-1]), flush=True)
 
     med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
