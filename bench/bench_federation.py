@@ -182,8 +182,8 @@ def main() -> int:
                                             if r["phase"] == "train")
         # what a round costs beyond its slowest site's own training: message transport, one ClientApp
         # process per message (Python, Flower, PyTorch imports), polling, aggregation, checkpoint
-        beyond = statistics.median(r["seconds"] - max((a["metrics"].get("seconds", 0.0) for a in r["answered"]), default=0.0)
-                                   for r in train)
+        slowest = [max((a["metrics"].get("seconds", 0.0) for a in r["answered"]), default=0.0) for r in train]
+        beyond = statistics.median(r["seconds"] - s for r, s in zip(train, slowest))
         eval_bytes = statistics.median([r["bytes_down"] for r in fed["records"] if r["phase"] == "evaluate"] or [0])
         pairs.append({"federated_total_s": fed["total_s"], "federated_rounds_s": rounds_s,
                       "federated_evaluate_s": evaluate_s, "centralized_s": central_s,
