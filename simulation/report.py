@@ -521,7 +521,9 @@ def write_report(scen: Scenario, records: list[dict[str, Any]], partitions: dict
               "Mean ± sd over seeds. Local-only: the mean over the site models, each scored on the pooled test split.", "",
               main_table(records), ""]
     if plot_sweep(records, root / "sweep.png"):
-        parts += ["## Against the swept setting", "", sweep_table(records), "", "![sweep](sweep.png)", ""]
+        spent = any(_spent_epsilon(r) is not None for r in records)  # the table adds ε to the main table's figures
+        parts += ["## Against the swept setting", "", *([sweep_table(records), ""] if spent else []),
+                  "![sweep](sweep.png)", ""]
     target_md, _ = targets(records)
     if any(r["family"] == "pooled" for r in records):
         parts += ["## Targets", "", "Federated mean AUC against pooled (ratio ≥ 0.97) and against local-only (gain ≥ 0.05).",
