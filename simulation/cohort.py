@@ -109,7 +109,8 @@ def evaluate_everywhere(model: Any, cohort: Cohort, *, n_boot: int, seed: int,
 
     def subset(keep: Callable[[str], bool]) -> Predictions:
         idx = np.array([i for i, cid in enumerate(preds.case_ids) if keep(site_of[cid])], dtype=int)
-        return Predictions([preds.case_ids[i] for i in idx], [preds.sites[i] for i in idx],
+        # sites are the partition's virtual sites (the manifest's own site column may differ)
+        return Predictions([preds.case_ids[i] for i in idx], [site_of[preds.case_ids[i]] for i in idx],
                            preds.probs[idx], preds.ki67[idx], preds.labels[idx])
 
     metrics: dict[str, dict[str, Any]] = {}

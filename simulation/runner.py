@@ -101,7 +101,8 @@ def _save_predictions(path: Path, models: dict[str, Any]) -> None:
         arrays[f"{name}__probs"] = preds.probs
         arrays[f"{name}__ki67"] = preds.ki67
         arrays[f"{name}__labels"] = preds.labels
-        arrays[f"{name}__sites"] = np.asarray(preds.sites, dtype=str)
+        arrays[f"{name}__sites"] = np.asarray(preds.sites, dtype=str)  # virtual sites of the partition
+        arrays[f"{name}__case_ids"] = np.asarray(preds.case_ids, dtype=str)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())

@@ -160,3 +160,22 @@ def test_a_sweep_gets_a_table_of_spent_epsilon_and_a_plot(tmp_path: Path) -> Non
     assert table[3].startswith("| eps=3 | fedavg | 2 | 2.95 ± 0.07 | 0.705 ± 0.007 |")
     assert plot_sweep(records, tmp_path / "sweep.png") and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert not plot_sweep(records[:2], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_pooled_predictions_carry_the_partitions_virtual_sites(tmp_path: Path, tiny_phantom: Path) -> None:
+    """Leave-one-site-out pairs cases by site: with a Dirichlet split the virtual site is not the manifest's."""
+    import torch
+
+    from fedsubtype.model import ModelConfig, build_model
+    from simulation.cohort import evaluate_everywhere, load_cohort
+
+    scen = load_scenario(_scenario(tmp_path, tiny_phantom, partition={
+        "kind": "dirichlet", "sites": 2, "alpha": 0.5, "min_cases": 4, "val_fraction": 0.2, "test_fraction": 0.3,
+        "seed": 0}))
+    cohort = load_cohort(scen, scen.partition, say=lambda _: None)
+    torch.manual_seed(0)
+    metrics, pooled = evaluate_everywhere(build_model(ModelConfig(**TINY_MODEL)), cohort, n_boot=10, seed=0)
+    assert pooled.sites == [cohort.partition.site[c] for c in pooled.case_ids]
+    manifest_site = {c.case_id: c.site for c in cohort.cases}
+    assert any(manifest_site[c] != cohort.partition.site[c] for c in pooled.case_ids)  # the test means something
+    assert set(metrics) == set(cohort.partition.sites) | {"pooled"}
