@@ -12,7 +12,6 @@ padding; any other convolution keeps Opacus's implementation. `bench/bench_dp.py
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
