@@ -362,17 +362,16 @@ def plot_sweep(records: list[dict[str, Any]], path: Path) -> bool:
     methods = [m for m in _methods(records) if any(_select(records, method=m, holdout=ALL))]
     auc_lines = ([(m, "mean_auc") for m in methods] if len(methods) > 1
                  else [(methods[0], k) for k in ("mean_auc", "er_auc", "pr_auc", "her2_auc")])
-    for method, metric in auc_lines:
+    def line(ax: Any, method: str, metric: str, label: str) -> None:
         stats = [mean_sd([run_value(r, POOLED, metric) for r in _select(records, setting=st, method=method, holdout=ALL)])
                  for st in settings]
-        label = method if len(methods) > 1 else HEAD[metric]
-        ax_auc.errorbar(x, [m for m, _, _ in stats], yerr=[sd if n > 1 else 0 for _, sd, n in stats],
-                        marker="o", ms=4, capsize=3, label=label)
+        ax.errorbar(x, [m for m, _, _ in stats], yerr=[sd if n > 1 else 0 for _, sd, n in stats],
+                    marker="o", ms=4, capsize=3, label=label)
+
+    for method, metric in auc_lines:
+        line(ax_auc, method, metric, method if len(methods) > 1 else HEAD[metric])
     for method in methods:
-        stats = [mean_sd([run_value(r, POOLED, "ki67_mae") for r in _select(records, setting=st, method=method, holdout=ALL)])
-                 for st in settings]
-        ax_mae.errorbar(x, [m for m, _, _ in stats], yerr=[sd if n > 1 else 0 for _, sd, n in stats],
-                        marker="o", ms=4, capsize=3, label=method)
+        line(ax_mae, method, "ki67_mae", method)
     for ax, ylabel in ((ax_auc, "AUC on the pooled test split"), (ax_mae, "Ki-67 MAE (pp)")):
         ax.set_xticks(x)
         ax.set_xticklabels([st.replace("inf", "∞") for st in settings])
