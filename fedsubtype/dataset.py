@@ -14,8 +14,8 @@ from .manifest import Case
 
 
 class CaseDataset(Dataset):
-    """Items ``{"image": float32 [1,S,S,S], "regions": int64 [S,S,S], "labels": float32 [4],
-    "present": bool [4], "case_id": str, "site": str}`` in TASKS order (Ki-67 in percent, 0 where missing).
+    """Items ``{"image": float32 [1,S,S,S], "regions": int64 [S,S,S], "voxel_mm": float32 [],
+    "labels": float32 [4], "present": bool [4], "case_id": str, "site": str}`` in TASKS order (Ki-67 in percent, 0 where missing).
 
     torch's default_collate batches them (strings become lists). An augmentation with ``reseed_for``
     (see :mod:`fedsubtype.augment`) is reseeded per (epoch, index), so results do not depend on the
@@ -53,6 +53,7 @@ class CaseDataset(Dataset):
         item: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(pre.image, dtype=np.float32))[None],
             "regions": torch.from_numpy(pre.regions.astype(np.int64)),
+            "voxel_mm": torch.tensor(pre.voxel_mm, dtype=torch.float32),
             "labels": torch.from_numpy(np.nan_to_num(labels, nan=0.0).astype(np.float32)),
             "present": torch.from_numpy(case.present_vector()),
             "case_id": case.case_id,

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from .checkpoint import ModelBundle
 from .configio import atomic_write_text
 from .errors import UserError
 from .manifest import Case
+
+if TYPE_CHECKING:
+    from .preprocess import PreprocessedCase
 
 REGION_WEIGHT_NAMES: tuple[str, ...] = ("core", "rim", "peritumoral")
 
@@ -51,18 +54,18 @@ def subtype_of(calls: dict[str, int], ki67: float) -> tuple[str, str]:
     return str(label), f"St Gallen surrogate: {hr} ({'ER+' if calls['er'] else 'ER−'}, {pr}), {her2}, {ki} → {label}"
 
 
-def _tensors(image: np.ndarray, regions: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    img = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None].to(device)
-    reg = torch.as_tensor(np.asarray(regions, dtype=np.int64))[None].to(device)
-    return img, reg
+def _tensors(pre: PreprocessedCase, device: torch.device) -> dict[str, torch.Tensor]:
+    return {"image": torch.as_tensor(np.asarray(pre.image, dtype=np.float32))[None, None].to(device),
+            "regions": torch.as_tensor(np.asarray(pre.regions, dtype=np.int64))[None].to(device),
+            "voxel_mm": torch.tensor([pre.voxel_mm], dtype=torch.float32, device=device)}
 
 
 @torch.no_grad()
-def run_model(model: nn.Module, image: np.ndarray, regions: np.ndarray, *, explain: bool = False) -> dict[str, Any]:
+def run_model(model: nn.Module, pre: PreprocessedCase, *, explain: bool = False) -> dict[str, Any]:
     """One preprocessed case through the model: probabilities, Ki-67 (percent), region weights, maps."""
     device = next(model.parameters()).device
     model.eval()
-    out = model(*_tensors(image, regions, device), explain=explain)
+    out = model(**_tensors(pre, device), explain=explain)
     result: dict[str, Any] = {
         "probabilities": {t: float(p) for t, p in zip(CLASSIFICATION_TASKS, torch.sigmoid(out["logits"][0]).tolist())},
         "ki67": float(out["ki67"][0]) * 100.0,
@@ -112,7 +115,7 @@ def predict_one(model: nn.Module, bundle: ModelBundle, image: Path, mask: Path, 
 
     case = _checked_case(image, mask, case_id)
     pre = preprocess_case(case, bundle.preprocess_config)
-    raw = run_model(model, pre.image, pre.regions, explain=True)
+    raw = run_model(model, pre, explain=True)
     result = describe(case.case_id, raw, bundle)
     result["attention_share"] = {k: round(v, 4) for k, v in attention_shares(raw["attention"]["fused"], pre.regions).items()}
     if explain_dir is not None:
@@ -157,7 +160,7 @@ def predict_cohort(model: nn.Module, bundle: ModelBundle, cases: Sequence[Case],
     writer.writerow(PREDICTION_COLUMNS)
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         pre = cache.get(case) if cache else preprocess_case(case, bundle.preprocess_config)
-        raw = run_model(model, pre.image, pre.regions, explain=True)
+        raw = run_model(model, pre, explain=True)
         res = describe(case.case_id, raw, bundle)
         shares = attention_shares(raw["attention"]["fused"], pre.regions)
         writer.writerow([case.case_id, case.site, *[f"{res['probabilities'][t]:.4f}" for t in CLASSIFICATION_TASKS],

@@ -85,6 +85,11 @@ class PreprocessedCase:
     """uint8 (S, S, S): 0 background, 1 core, 2 rim, 3 peritumoral."""
     meta: dict[str, Any]
 
+    @property
+    def voxel_mm(self) -> float:
+        """Edge of one model-grid voxel in mm (the crop's field of view over S); NaN if not recorded."""
+        return float(self.meta.get("fov_mm", math.nan)) / self.image.shape[-1]
+
 
 # ---------------------------------------------------------------- geometry helpers
 

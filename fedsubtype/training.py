@@ -271,9 +271,13 @@ def proximal_term(params: Sequence[torch.Tensor], global_params: Sequence[torch.
         return float(0.5 * mu * sum(((p - g) ** 2).sum() for p, g in zip(params, global_params)))
 
 
-def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (batch["image"].to(device, non_blocking=True), batch["regions"].to(device, non_blocking=True),
-            batch["labels"].to(device).float(), batch["present"].to(device).bool())
+def _to_device(batch: dict, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(model inputs, labels, present) of a batch on `device`."""
+    inputs = {"image": batch["image"].to(device, non_blocking=True),
+              "regions": batch["regions"].to(device, non_blocking=True)}
+    if "voxel_mm" in batch:
+        inputs["voxel_mm"] = batch["voxel_mm"].to(device)
+    return inputs, batch["labels"].to(device).float(), batch["present"].to(device).bool()
 
 
 def _batch_len(batch: dict) -> int:
@@ -321,12 +325,12 @@ def _run_predictions(model: nn.Module, data: Dataset, batch_size: int, device: t
     loss_sum, loss_n = 0.0, 0
     with torch.no_grad():
         for batch in loader:
-            image, regions, lab, present = _to_device(batch, device)
-            out = model(image, regions)
+            inputs, lab, present = _to_device(batch, device)
+            out = model(**inputs)
             if loss_fn is not None:
                 loss, _ = loss_fn(out, lab, present)
-                loss_sum += float(loss) * image.shape[0]
-                loss_n += image.shape[0]
+                loss_sum += float(loss) * lab.shape[0]
+                loss_n += lab.shape[0]
             probs.append(torch.sigmoid(out["logits"]).float().cpu().numpy())
             ki67.append((out["ki67"].float().cpu().numpy().reshape(-1)) * 100.0)
             labels.append(np.where(present.cpu().numpy(), lab.cpu().numpy(), np.nan))
@@ -491,9 +495,9 @@ def _train_epoch(run: _Run, desc: str, progress: bool) -> _LossMeter:
         n = _batch_len(batch)
         if n == 0:  # Poisson sampling can draw an empty batch
             continue
-        image, regions, labels, present = _to_device(batch, run.device)
+        inputs, labels, present = _to_device(batch, run.device)
         run.optimizer.zero_grad(set_to_none=True)
-        loss, parts = run.loss_fn(run.model(image, regions), labels, present)
+        loss, parts = run.loss_fn(run.model(**inputs), labels, present)
         loss.backward()
         _optimizer_step(run.optimizer, run.params, run.global_params, run.mu)
         run.scheduler.step()

@@ -50,7 +50,10 @@ def test_item_keys_shapes_dtypes_and_missing_labels(two_cases):
     ds = CaseDataset(cases, cache)
     assert len(ds) == 2
     item = ds[0]
-    assert set(item) == {"image", "regions", "labels", "present", "case_id", "site"}
+    assert set(item) == {"image", "regions", "voxel_mm", "labels", "present", "case_id", "site"}
+    pre = cache.get(cases[0])
+    assert item["voxel_mm"].dtype == torch.float32 and item["voxel_mm"].ndim == 0
+    assert float(item["voxel_mm"]) == pytest.approx(pre.meta["fov_mm"] / 16)
     assert item["image"].shape == (1, 16, 16, 16) and item["image"].dtype == torch.float32
     assert item["regions"].shape == (16, 16, 16) and item["regions"].dtype == torch.int64
     assert item["labels"].dtype == torch.float32 and item["present"].dtype == torch.bool

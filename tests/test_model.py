@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -211,3 +213,45 @@ def test_config_from_yaml_mapping() -> None:
         from_dict(ModelConfig, {"widht": 8}, "model")
     with pytest.raises(ConfigError, match="dropout"):
         from_dict(ModelConfig, {"dropout": 1.5}, "model")
+
+
+def test_physical_size_features_by_hand() -> None:
+    from fedsubtype.model.network import size_features
+
+    _, regions = _case(batch=2)
+    tumour = int(((regions[0] == 1) | (regions[0] == 2)).sum())
+    core = int((regions[0] == 1).sum())
+    voxel = torch.tensor([1.0, 2.0])
+    got = size_features(regions, voxel, ("core", "rim", "peritumoral"))
+    want = torch.tensor([[math.log1p(tumour / 1000), math.log(S / 40)],
+                         [math.log1p(tumour * 8 / 1000), math.log(2 * S / 40)]])
+    torch.testing.assert_close(got, want)
+    core_only = size_features(regions, voxel, ("core",))
+    assert float(core_only[0, 0]) == pytest.approx(math.log1p(core / 1000))
+
+
+def test_physical_size_changes_outputs_and_is_required() -> None:
+    model = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16, physical_size=True), seed=0).eval()
+    image, regions = _case()
+    with torch.no_grad():
+        small = model(image, regions, voxel_mm=torch.tensor([0.5, 0.5]))
+        large = model(image, regions, voxel_mm=torch.tensor([2.0, 2.0]))
+    assert not torch.allclose(small["logits"], large["logits"])
+    with pytest.raises(ValueError, match="voxel_mm"):
+        model(image, regions)
+    with pytest.raises(ValueError, match="positive"):
+        model(image, regions, voxel_mm=torch.tensor([1.0, float("nan")]))
+    plain = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0).eval()
+    with torch.no_grad():  # without the flag the size is ignored
+        torch.testing.assert_close(plain(image, regions, voxel_mm=torch.tensor([0.5, 0.5]))["logits"],
+                                   plain(image, regions, voxel_mm=torch.tensor([2.0, 2.0]))["logits"])
+
+
+def test_physical_size_per_sample_gradients_with_opacus() -> None:
+    model = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16, physical_size=True), seed=0)
+    gsm = GradSampleModule(model)
+    image, regions = _case(batch=3)
+    out = gsm(image, regions, voxel_mm=torch.tensor([0.8, 1.0, 1.5]))
+    (out["logits"].sum() + out["ki67"].sum()).backward()
+    for name, p in gsm.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name

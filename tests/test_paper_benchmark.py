@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedsubtype.cli import main
 
@@ -34,6 +35,16 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     assert main(args) == 0  # resumed: finished runs are read back, not retrained
     assert done.stat().st_mtime_ns == stamp
     assert json.loads((out / "table.json").read_text(encoding="utf-8"))["rows"]["full"]["avg"] == full["avg"]
+
+    capsys.readouterr()  # other settings would mix two tables in one folder: refused before any training
+    assert main([*args, "--physical-size", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "model.physical_size" in err and "training.epochs" in err and "--out" in err and len(err.splitlines()) == 1
+    assert done.stat().st_mtime_ns == stamp
+    sized = tmp_path / "sized"
+    assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size"]) == 0
+    assert yaml.safe_load((sized / "config.yaml").read_text(encoding="utf-8"))["model"]["physical_size"] is True
+    assert (sized / "runs" / "full" / "seed0" / "done.json").is_file()
 
 
 def test_unknown_row_is_a_one_line_error(phantom_cohort: Path, tmp_path: Path, capsys) -> None:

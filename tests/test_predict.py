@@ -83,13 +83,13 @@ def test_explanations_change_when_weights_are_shuffled(trained_model, phantom_co
     model, bundle = load_model(trained_model)
     case = read_manifest(phantom_cohort)[2]
     pre = preprocess_case(case, bundle.preprocess_config)
-    before = run_model(model, pre.image, pre.regions, explain=True)["attention"]["fused"]
+    before = run_model(model, pre, explain=True)["attention"]["fused"]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             flat = p.view(-1)
             flat.copy_(flat[torch.randperm(flat.numel(), generator=gen)])
-    after = run_model(model, pre.image, pre.regions, explain=True)["attention"]["fused"]
+    after = run_model(model, pre, explain=True)["attention"]["fused"]
     corr = np.corrcoef(before.ravel(), after.ravel())[0, 1]
     assert not np.allclose(before, after)
     assert corr < 0.9

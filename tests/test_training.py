@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import Dataset
 
 from fedsubtype.errors import ConfigError
@@ -297,3 +298,28 @@ def test_learns_the_planted_signal(data) -> None:
     train, val = TensorCases(32, seed=11), TensorCases(16, seed=12)
     res = fit(_model(), train, val, _cfg(epochs=6, lr=1e-2, warmup_fraction=0.1))
     assert res.best_val is not None and res.best_val["val_er_auc"] >= 0.8
+
+
+class SizedCases(TensorCases):
+    """TensorCases whose ER shows only in the tumour's physical size (voxel edge), not in the image."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__(n, seed)
+        rng = np.random.default_rng(seed + 100)
+        for item in self.items:
+            item["image"] = torch.from_numpy(rng.normal(0, 0.3, item["image"].shape).astype(np.float32))
+            er = float(item["labels"][0])
+            item["voxel_mm"] = torch.tensor(float(rng.uniform(0.8, 1.1) * (1.8 if er else 1.0)))
+
+
+def test_physical_size_reaches_the_heads_through_training() -> None:
+    train, val = SizedCases(32, seed=21), SizedCases(48, seed=22)
+    scores = {}
+    for flag in (True, False):
+        seed_everything(0)
+        model = build_model(ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16, physical_size=flag))
+        res = fit(model, train, val, _cfg(epochs=6, lr=1e-2, warmup_fraction=0.1))
+        preds = predict_dataset(res.model, val, device="cpu")
+        scores[flag] = roc_auc_score(preds.labels[:, 0], preds.probs[:, 0])
+    assert scores[True] >= 0.9
+    assert scores[True] > scores[False] + 0.2

@@ -42,7 +42,7 @@ def case_attention(model, bundle, cases: Sequence, cache_dir: Path | None) -> li
     rows = []
     for case in tqdm(cases, desc="attention", unit="case"):
         pre = cache.get(case) if cache else preprocess_case(case, bundle.preprocess_config)
-        fused = run_model(model, pre.image, pre.regions, explain=True)["attention"]["fused"]
+        fused = run_model(model, pre, explain=True)["attention"]["fused"]
         shares = attention_shares(fused, pre.regions)
         n = pre.regions.size
         frac = {r: float((pre.regions == REGION_LABELS[r]).sum() / n) for r in ("core", "rim", "peritumoral")}

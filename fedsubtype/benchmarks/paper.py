@@ -198,6 +198,41 @@ def _auc(m: dict[str, Any], task: str) -> float | None:
     return None if v is None else float(v)
 
 
+RESULT_SETTINGS: tuple[str, ...] = ("external_site", "preprocess", "model", "training", "external_folds")
+"""Settings that change what a stored (row, seed) run means; resuming with others would mix two tables."""
+MACHINE_SETTINGS: tuple[str, ...] = ("device", "progress", "threads", "num_workers")
+"""Training settings that change where and how fast a run goes, not its result."""
+
+
+def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings in RESULT_SETTINGS as flat dotted keys (`model.variant`), in JSON form."""
+    flat: dict[str, Any] = {}
+    for key in RESULT_SETTINGS:
+        value = json.loads(json.dumps(cfg.get(key), default=str))
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if not (key == "training" and k in MACHINE_SETTINGS)})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into a folder whose stored runs were made with other settings.
+
+    A key missing from an older config.yaml counts as its current default (the code that wrote it had none).
+    """
+    import yaml
+
+    if not path.is_file():
+        return
+    old = _result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    new = _result_settings(settings)
+    diff = sorted(k for k in new if k in old and old[k] != new[k])
+    if diff:
+        raise UserError(f"its runs were made with other settings ({', '.join(diff)})",
+                        "pass a new --out, or delete the folder to start over", where=str(path.parent))
+
+
 def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) every (row, seed) and write the table, DeLong tests and ROC curves under `bench.out`."""
     from ..cache import PreprocessCache
@@ -206,6 +241,8 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
     from ..validation import validate_cases
 
     bench.validate()
+    settings = {k: to_dict(v) for k, v in vars(bench).items()}
+    _check_same_settings(bench.out / "config.yaml", settings)
     cases = read_manifest(bench.manifest)
     report = validate_cases(cases, workers=bench.workers, progress=True)
     for p in report.problems:
@@ -225,7 +262,7 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
     external = [c for c in cases if c.site == ext_site]
     log(f"internal: {len(internal)} cases from {len(sites) - 1} sites; external: {len(external)} cases ({ext_site})")
     bench.out.mkdir(parents=True, exist_ok=True)
-    dump_yaml({k: to_dict(v) for k, v in vars(bench).items()}, bench.out / "config.yaml")
+    dump_yaml(settings, bench.out / "config.yaml")
 
     cache = PreprocessCache(bench.cache_dir, bench.preprocess)
     cache.warm(cases, workers=bench.workers, progress=True)

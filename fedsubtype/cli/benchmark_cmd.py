@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--min-fov-mm", type=float, default=0.0,
                        help="smallest field of view in mm; a fixed FOV (e.g. 64) keeps tumour size visible to the "
                             "network (default: 0, the FOV follows the tumour's extent)")
+    paper.add_argument("--physical-size", action=argparse.BooleanOptionalAction, default=False,
+                       help="give the networks the tumour's volume and field of view, which resizing the crop to "
+                            "S³ hides (default: off)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=int, default=4, help="early-stopping patience in epochs (default: 4)")
     paper.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for CIs (default: 500)")
@@ -55,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..benchmarks.paper import NETWORK_ROWS, RADIOMICS_ROWS, PaperBenchmark, run_paper_benchmark
     from ..configio import from_dict
+    from ..model import ModelConfig
     from ..preprocess import PreprocessConfig
     from ..training import TrainConfig
 
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         manifest=Path(manifest), out=args.out, cache_dir=args.cache, seeds=args.seeds, rows=rows,
         external_site=args.external_site, workers=max(1, args.workers), n_boot=args.n_boot,
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
+        model=ModelConfig(physical_size=args.physical_size),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "progress": False,
                                          "device": args.device}, "training"),
     )

@@ -35,6 +35,9 @@ class ModelConfig:
     """Give the network the used region masks as extra input channels (shape cues)."""
     mask_input: bool = True
     """Zero the image outside the regions a variant uses, so ablated tissue is truly unseen."""
+    physical_size: bool = False
+    """Give the representation the tumour's physical size (volume in mL, field of view in mm). The crop is
+    resized to S³ whatever the tumour's size, so without this the network cannot see how big it is."""
 
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError (one line naming the key) for an impossible setting."""

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .. import TASKS
+from .. import REGION_LABELS, TASKS
 from .attention import MultiScaleFusion, MultiScaleSpatialAttention, resample
 from .config import ModelConfig
 from .extractor import FeatureExtractor
@@ -16,6 +16,29 @@ from .variants import VariantSpec, variant_spec
 
 KI67_PRIOR = 0.20
 """Initial Ki-67 prediction (fraction): the population median, so training starts unbiased."""
+
+
+SIZE_FEATURES = 2
+"""Inputs added by `physical_size`: log(1 + tumour volume in mL), log(field of view / 40 mm)."""
+
+TUMOUR_REGIONS = ("core", "rim")
+
+
+def size_features(regions: torch.Tensor, voxel_mm: torch.Tensor, seen: tuple[str, ...]) -> torch.Tensor:
+    """[B,2] physical size of the tumour from the region map [B,S,S,S] and the voxel edge [B] in mm.
+
+    Only the tumour regions a variant sees are counted, so `core_only` gets the core's volume.
+    """
+    if voxel_mm is None:
+        raise ValueError("this model uses the tumour's physical size: pass voxel_mm (field of view / S, in mm)")
+    voxel_mm = voxel_mm.to(torch.float32).reshape(-1)
+    if voxel_mm.shape[0] != regions.shape[0] or not bool(torch.isfinite(voxel_mm).all() and (voxel_mm > 0).all()):
+        raise ValueError(f"voxel_mm must be one positive size per case, got {voxel_mm.tolist()}")
+    labels = [REGION_LABELS[r] for r in TUMOUR_REGIONS if r in seen]
+    voxels = torch.isin(regions, torch.tensor(labels, device=regions.device)).flatten(1).sum(1).to(torch.float32)
+    volume_ml = voxels * voxel_mm ** 3 / 1000.0
+    fov_mm = voxel_mm * regions.shape[-1]
+    return torch.stack([torch.log1p(volume_ml), torch.log(fov_mm / 40.0)], dim=1)
 
 
 def _check_inputs(image: torch.Tensor, regions: torch.Tensor) -> None:
@@ -48,7 +71,8 @@ class SpatialMultiTaskNet(nn.Module):
         self.attention = (MultiScaleSpatialAttention(channels, spec.attention_scales)
                           if spec.attention_scales else None)
         self.region_weighting = RegionWeighting(cfg.feature_dim, spec.regions)
-        self.representation = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.hidden_dim), nn.SiLU(),
+        extra = SIZE_FEATURES if cfg.physical_size else 0
+        self.representation = nn.Sequential(nn.Linear(cfg.feature_dim + extra, cfg.hidden_dim), nn.SiLU(),
                                             nn.Dropout(cfg.dropout))
         half = max(cfg.hidden_dim // 2, 1)
         self.heads = nn.ModuleDict({t: nn.Sequential(nn.Linear(cfg.hidden_dim, half), nn.SiLU(), nn.Linear(half, 1))
@@ -57,12 +81,15 @@ class SpatialMultiTaskNet(nn.Module):
             with torch.no_grad():
                 self.heads["ki67"][-1].bias.fill_(math.log(KI67_PRIOR / (1 - KI67_PRIOR)))
 
-    def _tower(self, extractor: nn.Module, x: torch.Tensor, masks: torch.Tensor, explain: bool) -> dict:
+    def _tower(self, extractor: nn.Module, x: torch.Tensor, masks: torch.Tensor, size: torch.Tensor | None,
+               explain: bool) -> dict:
         feats = extractor(x)
         fused_feats = self.fusion(feats)
-        size = tuple(fused_feats.shape[-3:])
-        attention, maps = (None, {}) if self.attention is None else self.attention(feats, size)
-        vector, weights = self.region_weighting(fused_feats, region_fractions(masks, size), attention)
+        grid = tuple(fused_feats.shape[-3:])
+        attention, maps = (None, {}) if self.attention is None else self.attention(feats, grid)
+        vector, weights = self.region_weighting(fused_feats, region_fractions(masks, grid), attention)
+        if size is not None:
+            vector = torch.cat([vector, size.to(vector.dtype)], dim=1)
         out = {"representation": self.representation(vector), "region_weights": weights}
         if explain:
             full = tuple(x.shape[-3:])
@@ -72,24 +99,27 @@ class SpatialMultiTaskNet(nn.Module):
             out["attention"] = att
         return out
 
-    def raw_outputs(self, image: torch.Tensor, regions: torch.Tensor, explain: bool = False
-                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    def raw_outputs(self, image: torch.Tensor, regions: torch.Tensor, voxel_mm: torch.Tensor | None = None,
+                    explain: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
         """Per-task pre-activation outputs (logit per biomarker, Ki-67 logit) and the explanation."""
         _check_inputs(image, regions)
+        size = size_features(regions, voxel_mm, self.spec.regions) if self.cfg.physical_size else None
         masks = region_masks(regions, self.spec.regions)
         x = image * masks.sum(1, keepdim=True) if self.cfg.mask_input else image
         if self.cfg.region_channels:
             x = torch.cat([x, masks], dim=1)
-        towers = [self._tower(e, x, masks, explain) for e in self.extractors]
+        towers = [self._tower(e, x, masks, size, explain) for e in self.extractors]
         raw = {}
         for i, task in enumerate(self.tasks):
             rep = towers[i if len(towers) > 1 else 0]["representation"]
             raw[task] = self.heads[task](rep).squeeze(-1)
         return raw, (_average_explanations(towers) if explain else {})
 
-    def forward(self, image: torch.Tensor, regions: torch.Tensor, explain: bool = False) -> dict:
-        """`image` [B,1,S,S,S], `regions` [B,S,S,S] (0 bg, 1 core, 2 rim, 3 peri) -> task outputs."""
-        raw, explanation = self.raw_outputs(image, regions, explain)
+    def forward(self, image: torch.Tensor, regions: torch.Tensor, voxel_mm: torch.Tensor | None = None,
+                explain: bool = False) -> dict:
+        """`image` [B,1,S,S,S], `regions` [B,S,S,S] (0 bg, 1 core, 2 rim, 3 peri), `voxel_mm` [B] (needed
+        with `physical_size`) -> task outputs."""
+        raw, explanation = self.raw_outputs(image, regions, voxel_mm, explain)
         return {**_assemble(raw), **explanation}
 
 
@@ -102,11 +132,12 @@ class PerTaskEnsemble(nn.Module):
         single = VariantSpec(spec.attention_scales, spec.regions, shared_extractor=True, multitask=True)
         self.members = nn.ModuleDict({t: SpatialMultiTaskNet(cfg, single, tasks=(t,)) for t in TASKS})
 
-    def forward(self, image: torch.Tensor, regions: torch.Tensor, explain: bool = False) -> dict:
+    def forward(self, image: torch.Tensor, regions: torch.Tensor, voxel_mm: torch.Tensor | None = None,
+                explain: bool = False) -> dict:
         """Same contract as SpatialMultiTaskNet.forward; explanations are averaged over the members."""
         raw, explanations = {}, []
         for task, member in self.members.items():
-            member_raw, explanation = member.raw_outputs(image, regions, explain)
+            member_raw, explanation = member.raw_outputs(image, regions, voxel_mm, explain)
             raw[task] = member_raw[task]
             explanations.append(explanation)
         out = _assemble(raw)
