@@ -24,7 +24,7 @@ SIZE_FEATURES = 2
 TUMOUR_REGIONS = ("core", "rim")
 
 
-def size_features(regions: torch.Tensor, voxel_mm: torch.Tensor, seen: tuple[str, ...]) -> torch.Tensor:
+def size_features(regions: torch.Tensor, voxel_mm: torch.Tensor | None, seen: tuple[str, ...]) -> torch.Tensor:
     """[B,2] physical size of the tumour from the region map [B,S,S,S] and the voxel edge [B] in mm.
 
     Only the tumour regions a variant sees are counted, so `core_only` gets the core's volume.
