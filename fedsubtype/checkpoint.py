@@ -27,6 +27,8 @@ from .errors import ConfigError, ModelFileError
 
 FORMAT_TAG = "fedsubtype-model"
 FORMAT_VERSION = 1
+LEGACY_PREPROCESS: dict[str, Any] = {"keep_tumour_range": False}
+"""Preprocessing keys added after model files may have been written, with the value the code before them used."""
 """Bump when the layout changes incompatibly; older readers refuse newer files with a one-line error."""
 
 
@@ -126,7 +128,8 @@ def read_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Model
     payload = _read_payload(path)
     try:
         model_cfg = from_dict(ModelConfig, payload["model_config"], where="model_config")
-        prep_cfg = from_dict(PreprocessConfig, payload["preprocess_config"], where="preprocess_config")
+        prep_cfg = from_dict(PreprocessConfig, {**LEGACY_PREPROCESS, **payload["preprocess_config"]},
+                             where="preprocess_config")
     except ConfigError as exc:
         raise ModelFileError(f"stored configuration is not valid here ({exc.line()})",
                              "use the fedsubtype version that wrote it", where=str(path)) from None

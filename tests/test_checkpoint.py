@@ -126,6 +126,14 @@ def test_incompatible_config(saved, tmp_path: Path) -> None:
     _assert_one_line(bad, "attention_heads")
 
 
+def test_model_file_from_before_tumour_range_keeps_its_clipping(saved, tmp_path: Path) -> None:
+    payload = torch.load(saved[0], weights_only=True)
+    old = {k: v for k, v in payload["preprocess_config"].items() if k != "keep_tumour_range"}
+    _, bundle = read_bundle(_rewrite(saved[0], tmp_path / "old.pt", preprocess_config=old))
+    assert bundle.preprocess_config.keep_tumour_range is False  # preprocessed as it was trained
+    assert read_bundle(saved[0])[1].preprocess_config.keep_tumour_range is True
+
+
 def test_weights_that_do_not_fit(saved, tmp_path: Path) -> None:
     payload = torch.load(saved[0], weights_only=True)
     bad = _rewrite(saved[0], tmp_path / "wider.pt", model_config=dict(payload["model_config"], width=16, hidden_dim=32))

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from fedsubtype.cli import main
+from fedsubtype.errors import UserError
 
 pytest.importorskip("mirp", reason="radiomics extra not installed: pip install 'fedsubtype[radiomics]'")
 
@@ -37,9 +38,9 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     assert json.loads((out / "table.json").read_text(encoding="utf-8"))["rows"]["full"]["avg"] == full["avg"]
 
     capsys.readouterr()  # other settings would mix two tables in one folder: refused before any training
-    assert main([*args, "--physical-size", "--epochs", "2"]) == 1
+    assert main([*args, "--physical-size", "--epochs", "2", "--lr", "0.002"]) == 1
     err = capsys.readouterr().err.strip()
-    assert "model.physical_size" in err and "training.epochs" in err and "--out" in err and len(err.splitlines()) == 1
+    assert "model.physical_size" in err and "training.epochs" in err and "training.lr" in err and "--out" in err and len(err.splitlines()) == 1
     assert done.stat().st_mtime_ns == stamp
     sized = tmp_path / "sized"
     assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size"]) == 0
@@ -53,3 +54,24 @@ def test_unknown_row_is_a_one_line_error(phantom_cohort: Path, tmp_path: Path, c
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert "unknown row 'transformer'" in err and len(err.splitlines()) == 1
+
+
+def test_impossible_learning_rate_is_a_one_line_error(phantom_cohort: Path, tmp_path: Path, capsys) -> None:
+    code = main(["benchmark", "paper", "--manifest", str(phantom_cohort), "--out", str(tmp_path / "p"), "--lr", "-1"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert "lr" in err and "positive" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_folder_from_before_tumour_range_is_not_resumed_with_it(tmp_path: Path) -> None:
+    from fedsubtype.benchmarks.paper import _check_same_settings
+    from fedsubtype.configio import to_dict
+    from fedsubtype.preprocess import PreprocessConfig
+
+    old = to_dict(PreprocessConfig(size=32))
+    del old["keep_tumour_range"]  # written by the code before the setting existed (it clipped the tumour)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"preprocess": old}), encoding="utf-8")
+    with pytest.raises(UserError, match="preprocess.keep_tumour_range"):
+        _check_same_settings(tmp_path / "config.yaml", {"preprocess": to_dict(PreprocessConfig(size=32))})
+    _check_same_settings(tmp_path / "config.yaml", {"preprocess": to_dict(PreprocessConfig(size=32, keep_tumour_range=False))})

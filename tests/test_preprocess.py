@@ -165,3 +165,18 @@ def test_oblique_acquisition_maps_back_onto_itself():
     tumour = sitk.GetArrayFromImage(mask) > 0
     returned = np.isin(back, (1, 2))
     assert 2 * (tumour & returned).sum() / (tumour.sum() + returned.sum()) > 0.85
+
+
+def test_the_enhancing_tumour_is_not_clipped():
+    """A uniformly enhancing tumour of 1.5 % of the volume: the body's 99.5th percentile falls inside it."""
+    arr, tumour = breast_like()
+    arr = np.where(tumour > 0, 200.0 + 4.0 * np.random.default_rng(1).standard_normal(arr.shape), arr).astype(np.float32)
+    lesion = arr[tumour > 0]
+
+    def clipped_share(keep: bool) -> float:
+        out = preprocess_images(*as_images(arr, tumour), PreprocessConfig(size=24, keep_tumour_range=keep))
+        return float(np.mean(lesion > out.meta["intensity"]["clip_high"]))
+
+    assert clipped_share(False) > 0.1  # the body's limit flattens the top of the lesion
+    assert clipped_share(True) <= 0.006  # only the lesion's own top 0.5 %
+    assert PreprocessConfig().keep_tumour_range is True

@@ -204,6 +204,10 @@ MACHINE_SETTINGS: tuple[str, ...] = ("device", "progress", "threads", "num_worke
 """Training settings that change where and how fast a run goes, not its result."""
 
 
+LEGACY_SETTINGS: dict[str, Any] = {"preprocess.keep_tumour_range": False}
+"""Result settings added after runs may have been stored, with the value the code before them used."""
+
+
 def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings in RESULT_SETTINGS as flat dotted keys (`model.variant`), in JSON form."""
     flat: dict[str, Any] = {}
@@ -219,13 +223,13 @@ def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into a folder whose stored runs were made with other settings.
 
-    A key missing from an older config.yaml counts as its current default (the code that wrote it had none).
+    A key missing from an older config.yaml counts as its LEGACY_SETTINGS value, else its current default.
     """
     import yaml
 
     if not path.is_file():
         return
-    old = _result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    old = {**LEGACY_SETTINGS, **_result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
     new = _result_settings(settings)
     diff = sorted(k for k in new if k in old and old[k] != new[k])
     if diff:

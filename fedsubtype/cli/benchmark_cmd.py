@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "S³ hides (default: off)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=int, default=4, help="early-stopping patience in epochs (default: 4)")
+    paper.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
     paper.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for CIs (default: 500)")
     paper.add_argument("--workers", type=int, default=1, help="processes for preprocessing/radiomics (default: 1)")
     paper.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         external_site=args.external_site, workers=max(1, args.workers), n_boot=args.n_boot,
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
         model=ModelConfig(physical_size=args.physical_size),
-        training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "progress": False,
+        training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "lr": args.lr, "progress": False,
                                          "device": args.device}, "training"),
     )
     table = run_paper_benchmark(bench)
