@@ -196,6 +196,10 @@ class Scenario:
         training, privacy, budget. Not which methods/seeds/sites are run, the sweep, or where/how (output, Ray),
         so a run finished under one invocation is reused by another that asks for the same run."""
         data = to_dict(self)
+        data.update(resolved_sections(self, "scenario"))  # library defaults count: a changed default changes runs
+        from fedsubtype.preprocess import PREPROCESS_VERSION
+
+        data["preprocess_version"] = PREPROCESS_VERSION
         for key in ("name", "output_dir", "ray", "description", "methods", "seeds", "leave_one_site_out",
                     "loso_methods", "include_all_sites", "sweep", "evaluate_every_round"):
             data.pop(key, None)
@@ -204,19 +208,29 @@ class Scenario:
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _check_sub_configs(scen: Scenario, where: str) -> None:
-    """Validate the pass-through sections against the library's own config classes."""
-    from fedsubtype.privacy import PrivacyConfig
+SUB_CONFIGS: tuple[tuple[str, str, str], ...] = (
+    ("preprocess", "fedsubtype.preprocess", "PreprocessConfig"),
+    ("model", "fedsubtype.model", "ModelConfig"),
+    ("training", "fedsubtype.training", "TrainConfig"),
+    ("privacy", "fedsubtype.privacy", "PrivacyConfig"),
+)
+"""Pass-through sections and the library config class each must satisfy."""
 
-    from_dict(PrivacyConfig, {k: v for k, v in scen.privacy.items()}, f"{where}.privacy")
-    checks = (("preprocess", "fedsubtype.preprocess", "PreprocessConfig"),
-              ("model", "fedsubtype.model", "ModelConfig"),
-              ("training", "fedsubtype.training", "TrainConfig"))
+
+def resolved_sections(scen: Scenario, where: str) -> dict[str, Any]:
+    """The pass-through sections as the library reads them (every default filled in), JSON-safe."""
     import importlib
 
-    for section, module, cls_name in checks:
+    out = {}
+    for section, module, cls_name in SUB_CONFIGS:
         cls = getattr(importlib.import_module(module), cls_name)
-        from_dict(cls, copy.deepcopy(getattr(scen, section)), f"{where}.{section}")
+        out[section] = to_dict(from_dict(cls, copy.deepcopy(getattr(scen, section)), f"{where}.{section}"))
+    return out
+
+
+def _check_sub_configs(scen: Scenario, where: str) -> None:
+    """Validate the pass-through sections against the library's own config classes."""
+    resolved_sections(scen, where)
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:

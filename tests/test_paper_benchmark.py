@@ -43,8 +43,9 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     assert "model.physical_size" in err and "training.epochs" in err and "training.lr" in err and "--out" in err and len(err.splitlines()) == 1
     assert done.stat().st_mtime_ns == stamp
     sized = tmp_path / "sized"
-    assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size"]) == 0
-    assert yaml.safe_load((sized / "config.yaml").read_text(encoding="utf-8"))["model"]["physical_size"] is True
+    assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size", "--patience", "none"]) == 0
+    stored = yaml.safe_load((sized / "config.yaml").read_text(encoding="utf-8"))
+    assert stored["model"]["physical_size"] is True and stored["training"]["patience"] is None
     assert (sized / "runs" / "full" / "seed0" / "done.json").is_file()
 
 

@@ -142,6 +142,17 @@ def test_shipped_scenarios_validate() -> None:
         assert scen.name == name and scen.settings()
 
 
+def test_a_library_default_is_part_of_the_run_identity(tmp_path: Path) -> None:
+    """Runs are reused by config hash; an unstated default must count, or a changed default reuses stale runs."""
+    phantom = tmp_path / "ph"
+    hashes = {}
+    for label, prep in (("unstated", {"size": 16}), ("stated", {"size": 16, "keep_tumour_range": True}),
+                        ("other", {"size": 16, "keep_tumour_range": False})):
+        (tmp_path / label).mkdir()
+        hashes[label] = load_scenario(_scenario(tmp_path / label, phantom, preprocess=prep)).config_hash()
+    assert hashes["unstated"] == hashes["stated"] != hashes["other"]
+
+
 def _sweep_record(setting: str, seed: int, auc: float, eps: float | None) -> dict:
     metrics = {"pooled": {"mean_auc": auc, "er": {"auc": auc}, "pr": {"auc": auc}, "her2": {"auc": auc},
                           "ki67": {"mae": 10.0 + seed}}}

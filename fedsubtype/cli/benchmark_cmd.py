@@ -15,6 +15,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
 
 
+def _patience(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off", "never"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of epochs or 'none', got {text!r}") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="reproduce the paper's protocol (ablation table, radiomics, oracle)",
                        description=__doc__)
@@ -39,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="give the networks the tumour's volume and field of view, which resizing the crop to "
                             "S³ hides (default: off)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
-    paper.add_argument("--patience", type=int, default=4, help="early-stopping patience in epochs (default: 4)")
+    paper.add_argument("--patience", type=_patience, default=4,
+                       help="early-stopping patience in epochs, or 'none' to run every epoch and keep the best on "
+                            "validation (default: 4)")
     paper.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
     paper.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for CIs (default: 500)")
     paper.add_argument("--workers", type=int, default=1, help="processes for preprocessing/radiomics (default: 1)")
