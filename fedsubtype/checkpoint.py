@@ -27,9 +27,9 @@ from .errors import ConfigError, ModelFileError
 
 FORMAT_TAG = "fedsubtype-model"
 FORMAT_VERSION = 1
+"""Bump when the layout changes incompatibly; older readers refuse newer files with a one-line error."""
 LEGACY_PREPROCESS: dict[str, Any] = {"keep_tumour_range": False}
 """Preprocessing keys added after model files may have been written, with the value the code before them used."""
-"""Bump when the layout changes incompatibly; older readers refuse newer files with a one-line error."""
 
 
 @dataclass
