@@ -28,8 +28,6 @@ from .errors import ConfigError, ModelFileError
 FORMAT_TAG = "fedsubtype-model"
 FORMAT_VERSION = 1
 """Bump when the layout changes incompatibly; older readers refuse newer files with a one-line error."""
-LEGACY_PREPROCESS: dict[str, Any] = {"keep_tumour_range": False}
-"""Preprocessing keys added after model files may have been written, with the value the code before them used."""
 
 
 @dataclass
@@ -122,13 +120,13 @@ def _read_payload(path: Path) -> dict[str, Any]:
 def read_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelBundle]:
     """The weights and the rebuilt configurations of a model file, without building the network."""
     from .model import ModelConfig
-    from .preprocess import PreprocessConfig
+    from .preprocess import LEGACY_DEFAULTS, PreprocessConfig
 
     path = Path(path)
     payload = _read_payload(path)
     try:
         model_cfg = from_dict(ModelConfig, payload["model_config"], where="model_config")
-        prep_cfg = from_dict(PreprocessConfig, {**LEGACY_PREPROCESS, **payload["preprocess_config"]},
+        prep_cfg = from_dict(PreprocessConfig, {**LEGACY_DEFAULTS, **payload["preprocess_config"]},
                              where="preprocess_config")
     except ConfigError as exc:
         raise ModelFileError(f"stored configuration is not valid here ({exc.line()})",

@@ -23,6 +23,10 @@ from .regions import body_mask, compute_regions, region_volumes_ml
 PREPROCESS_VERSION = 1
 """Bump when the output of :func:`preprocess_case` changes for the same input and config (invalidates caches)."""
 
+LEGACY_DEFAULTS: dict[str, Any] = {"keep_tumour_range": False}
+"""Keys added after configs were stored (in model files, benchmark folders), with the value the code before
+them used: a stored config without the key means this, not today's default."""
+
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 

@@ -24,7 +24,7 @@ from ..configio import atomic_write_text, dump_yaml, to_dict
 from ..errors import UserError
 from ..manifest import Case
 from ..model import VARIANTS, ModelConfig
-from ..preprocess import PreprocessConfig
+from ..preprocess import LEGACY_DEFAULTS, PreprocessConfig
 from ..training import Predictions, TrainConfig
 
 NETWORK_ROWS: tuple[str, ...] = tuple(VARIANTS)
@@ -204,10 +204,6 @@ MACHINE_SETTINGS: tuple[str, ...] = ("device", "progress", "threads", "num_worke
 """Training settings that change where and how fast a run goes, not its result."""
 
 
-LEGACY_SETTINGS: dict[str, Any] = {"preprocess.keep_tumour_range": False}
-"""Result settings added after runs may have been stored, with the value the code before them used."""
-
-
 def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings in RESULT_SETTINGS as flat dotted keys (`model.variant`), in JSON form."""
     flat: dict[str, Any] = {}
@@ -223,13 +219,15 @@ def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into a folder whose stored runs were made with other settings.
 
-    A key missing from an older config.yaml counts as its LEGACY_SETTINGS value, else its current default.
+    A key missing from an older config.yaml counts as its legacy value (preprocess.LEGACY_DEFAULTS), else its
+    current default.
     """
     import yaml
 
     if not path.is_file():
         return
-    old = {**LEGACY_SETTINGS, **_result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
+    legacy = {f"preprocess.{k}": v for k, v in LEGACY_DEFAULTS.items()}
+    old = {**legacy, **_result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
     new = _result_settings(settings)
     diff = sorted(k for k in new if k in old and old[k] != new[k])
     if diff:
