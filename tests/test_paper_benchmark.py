@@ -43,10 +43,18 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     assert "model.physical_size" in err and "training.epochs" in err and "training.lr" in err and "--out" in err and len(err.splitlines()) == 1
     assert done.stat().st_mtime_ns == stamp
     sized = tmp_path / "sized"
-    assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size", "--patience", "none"]) == 0
+    assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size", "--patience", "none",
+                 "--epochs", "2", "--ema-decay", "0.9", "--augment-strength", "0.5", "--refit"]) == 0
     stored = yaml.safe_load((sized / "config.yaml").read_text(encoding="utf-8"))
     assert stored["model"]["physical_size"] is True and stored["training"]["patience"] is None
-    assert (sized / "runs" / "full" / "seed0" / "done.json").is_file()
+    assert stored["training"]["ema_decay"] == 0.9 and stored["training"]["augment_strength"] == 0.5 and stored["refit"] is True
+    run = sized / "runs" / "full" / "seed0"
+    assert (run / "done.json").is_file()
+    selection = list(csv.DictReader(open(run / "metrics_per_epoch.csv", encoding="utf-8")))
+    chosen = [int(r["epoch"]) for r in selection if r["best"] == "True"][-1]
+    refit = list(csv.DictReader(open(run / "refit" / "metrics_per_epoch.csv", encoding="utf-8")))
+    assert len(selection) == 2 and len(refit) == chosen  # retrained for the epochs validation chose
+    assert int(refit[0]["samples_seen"]) > int(selection[0]["samples_seen"])  # on train + validation
 
 
 def test_unknown_row_is_a_one_line_error(phantom_cohort: Path, tmp_path: Path, capsys) -> None:
@@ -76,3 +84,18 @@ def test_a_folder_from_before_tumour_range_is_not_resumed_with_it(tmp_path: Path
     with pytest.raises(UserError, match="preprocess.keep_tumour_range"):
         _check_same_settings(tmp_path / "config.yaml", {"preprocess": to_dict(PreprocessConfig(size=32))})
     _check_same_settings(tmp_path / "config.yaml", {"preprocess": to_dict(PreprocessConfig(size=32, keep_tumour_range=False))})
+
+
+def test_a_folder_from_before_weight_averaging_and_refit_is_not_resumed_with_them(tmp_path: Path) -> None:
+    from fedsubtype.benchmarks.paper import _check_same_settings
+    from fedsubtype.configio import to_dict
+    from fedsubtype.training import TrainConfig
+
+    old = to_dict(TrainConfig(epochs=12))
+    del old["ema_decay"]  # written before either setting existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"training": old}), encoding="utf-8")
+    with pytest.raises(UserError, match="refit"):
+        _check_same_settings(tmp_path / "config.yaml", {"training": to_dict(TrainConfig(epochs=12)), "refit": True})
+    with pytest.raises(UserError, match="training.ema_decay"):
+        _check_same_settings(tmp_path / "config.yaml", {"training": to_dict(TrainConfig(epochs=12, ema_decay=0.99))})
+    _check_same_settings(tmp_path / "config.yaml", {"training": to_dict(TrainConfig(epochs=12)), "refit": False})

@@ -163,6 +163,33 @@ def test_fedprox_pulls_towards_global_weights(data) -> None:
     assert _distance(zero.model, global_params) == pytest.approx(d_free)
 
 
+def test_weight_average_is_the_exponential_moving_average_of_the_steps(data) -> None:
+    train, _ = data
+    steady = dict(schedule="constant", warmup_fraction=0.0, lr=1e-2)
+    w1 = fit(_model(), train, None, _cfg(max_steps=1, **steady)).model.state_dict()
+    w2 = fit(_model(), train, None, _cfg(max_steps=2, **steady)).model.state_dict()
+    ema = fit(_model(), train, None, _cfg(max_steps=2, ema_decay=0.9, **steady)).model.state_dict()
+    assert list(ema) == list(w2)
+    changed = 0
+    for k in w2:  # the first step is copied, the second blended in with weight 1 - decay
+        assert torch.allclose(ema[k], 0.9 * w1[k] + 0.1 * w2[k], atol=1e-6), k
+        changed += not torch.allclose(w1[k], w2[k])
+    assert changed > 0
+
+
+def test_weight_average_is_what_is_validated_and_selected(data) -> None:
+    train, val = data
+    res = fit(_model(), train, val, _cfg(epochs=3, ema_decay=0.95))
+    plain = fit(_model(), train, val, _cfg(epochs=3))
+    assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in plain.history]  # same trajectory
+    assert [r["val_loss"] for r in res.history] != [r["val_loss"] for r in plain.history]  # scored on the average
+    preds = predict_dataset(res.model, val, device="cpu")
+    from fedsubtype.metrics import compute_metrics
+
+    again = compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=0, seed=0)
+    assert again["mean_auc"] == pytest.approx(res.best_val["val_mean_auc"])
+
+
 def test_trains_without_any_ki67(data) -> None:
     train = TensorCases(12, seed=5, ki67=False)
     val = TensorCases(6, seed=6, ki67=False)
@@ -256,8 +283,8 @@ def test_fedprox_with_opacus_keeps_plain_state_dict(data) -> None:
     start = _model()
     names = list(start.state_dict())
     hook = OpacusHook()
-    res = fit(start, train, None, _cfg(epochs=1), privacy=hook, proximal_mu=10.0)
-    assert list(res.model.state_dict()) == names
+    res = fit(start, train, None, _cfg(epochs=1, ema_decay=0.9), privacy=hook, proximal_mu=10.0)
+    assert list(res.model.state_dict()) == names  # the weight average of a private run, too
     assert hook.engine.get_epsilon(1e-5) > 0
 
 
@@ -284,7 +311,8 @@ def test_thresholds_fall_back_for_one_class() -> None:
 
 
 @pytest.mark.parametrize("key,value", [("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("warmup_fraction", 1.0),
-                                       ("patience", 0), ("device", "tpu"), ("task_weights", {"grade": 1.0})])
+                                       ("patience", 0), ("device", "tpu"), ("task_weights", {"grade": 1.0}),
+                                       ("ema_decay", 1.0), ("ema_decay", 0.0)])
 def test_bad_config_is_one_line_error(key: str, value) -> None:
     from fedsubtype.configio import from_dict
 

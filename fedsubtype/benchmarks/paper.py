@@ -2,7 +2,8 @@
 
 Internal cases (every site but the external one) are split 7:1:2, stratified by ER/PR/HER2 pattern, per
 seed. Every network row is trained with the one training function on the train split, selected on the
-validation split, and scored on the internal test split. The external site is never used for training
+validation split (optionally refitted on train + validation for the chosen number of epochs), and scored
+on the internal test split. The external site is never used for training
 or model selection: the internally trained models are applied to it unchanged, its cases are split
 into five stratified folds, and the external figures are the mean ± sd of the per-fold AUCs (the
 paper's five-fold evaluation of the external cohort). Each (row, seed) run is stored and skipped on a
@@ -61,6 +62,9 @@ class PaperBenchmark:
     n_boot: int = 500
     external_folds: int = 5
     workers: int = 1
+    refit: bool = False
+    """After validation has chosen the epoch, retrain each network on train + validation for that many
+    epochs and keep the last weights (scikit-learn's refit; the radiomics rows fit on train + validation too)."""
 
     def validate(self) -> None:
         unknown = [r for r in self.rows if r not in NETWORK_ROWS and r not in RADIOMICS_ROWS]
@@ -151,6 +155,15 @@ def _network_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dic
     cfg = dataclasses.replace(bench.training, seed=seed)
     result = fit(model, CaseDataset(splits["train"], cache), CaseDataset(splits["val"], cache), cfg,
                  out_dir=run_dir, log=log)
+    if bench.refit:
+        log(f"refit on train + validation ({len(splits['train']) + len(splits['val'])} cases) for the "
+            f"{result.best_epoch} epochs validation chose")
+        seed_everything(seed)
+        torch.manual_seed(seed)
+        model = build_model(dataclasses.replace(bench.model, variant=row))
+        again = dataclasses.replace(cfg, epochs=result.best_epoch, max_steps=None, patience=None)
+        result = fit(model, CaseDataset(splits["train"] + splits["val"], cache), None, again,
+                     out_dir=run_dir / "refit", log=log)
     test = predict_dataset(result.model, CaseDataset(splits["test"], cache), device=cfg.device)
     ext = predict_dataset(result.model, CaseDataset(external, cache), device=cfg.device)
     return test, ext
@@ -198,16 +211,21 @@ def _auc(m: dict[str, Any], task: str) -> float | None:
     return None if v is None else float(v)
 
 
-RESULT_SETTINGS: tuple[str, ...] = ("external_site", "preprocess", "model", "training", "external_folds")
+RESULT_SETTINGS: tuple[str, ...] = ("external_site", "preprocess", "model", "training", "external_folds", "refit")
 """Settings that change what a stored (row, seed) run means; resuming with others would mix two tables."""
 MACHINE_SETTINGS: tuple[str, ...] = ("device", "progress", "threads", "num_workers")
 """Training settings that change where and how fast a run goes, not its result."""
+LEGACY_SETTINGS: dict[str, Any] = {**{f"preprocess.{k}": v for k, v in LEGACY_DEFAULTS.items()},
+                                   "training.ema_decay": None, "refit": False}
+"""What a result setting meant in a folder written before the setting existed."""
 
 
 def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings in RESULT_SETTINGS as flat dotted keys (`model.variant`), in JSON form."""
     flat: dict[str, Any] = {}
     for key in RESULT_SETTINGS:
+        if key not in cfg:
+            continue
         value = json.loads(json.dumps(cfg.get(key), default=str))
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items() if not (key == "training" and k in MACHINE_SETTINGS)})
@@ -219,15 +237,13 @@ def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into a folder whose stored runs were made with other settings.
 
-    A key missing from an older config.yaml counts as its legacy value (preprocess.LEGACY_DEFAULTS), else its
-    current default.
+    A key missing from an older config.yaml counts as its value before the key existed (LEGACY_SETTINGS).
     """
     import yaml
 
     if not path.is_file():
         return
-    legacy = {f"preprocess.{k}": v for k, v in LEGACY_DEFAULTS.items()}
-    old = {**legacy, **_result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
+    old = {**LEGACY_SETTINGS, **_result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
     new = _result_settings(settings)
     diff = sorted(k for k in new if k in old and old[k] != new[k])
     if diff:

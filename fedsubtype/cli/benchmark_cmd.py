@@ -24,6 +24,15 @@ def _patience(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a whole number of epochs or 'none', got {text!r}") from None
 
 
+def _decay(text: str) -> float | None:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {text!r}") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="reproduce the paper's protocol (ablation table, radiomics, oracle)",
                        description=__doc__)
@@ -52,6 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="early-stopping patience in epochs, or 'none' to run every epoch and keep the best on "
                             "validation (default: 4)")
     paper.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 0.001)")
+    paper.add_argument("--ema-decay", type=_decay, default=None,
+                       help="validate, select and keep an exponential moving average of the weights with this "
+                            "per-step decay (e.g. 0.995), or 'none' (default: none)")
+    paper.add_argument("--augment-strength", type=float, default=1.0,
+                       help="scale of the scanner-difference augmentations, 0 = none (default: 1.0)")
+    paper.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
+                       help="after validation has chosen the epoch, retrain each network on train + validation "
+                            "for that many epochs, as the radiomics rows fit on both (default: off)")
     paper.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for CIs (default: 500)")
     paper.add_argument("--workers", type=int, default=1, help="processes for preprocessing/radiomics (default: 1)")
     paper.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -91,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
         model=ModelConfig(physical_size=args.physical_size),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "lr": args.lr, "progress": False,
-                                         "device": args.device}, "training"),
+                                         "device": args.device, "ema_decay": args.ema_decay,
+                                         "augment_strength": args.augment_strength}, "training"),
+        refit=args.refit,
     )
     table = run_paper_benchmark(bench)
     print((args.out / "table.md").read_text(encoding="utf-8"))
