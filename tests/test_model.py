@@ -255,3 +255,23 @@ def test_physical_size_per_sample_gradients_with_opacus() -> None:
     (out["logits"].sum() + out["ki67"].sum()).backward()
     for name, p in gsm.named_parameters():
         assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_deep_stem_reads_the_full_resolution_and_stays_private_compatible() -> None:
+    strided = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0)
+    deep = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16, stem="deep"), seed=0)
+    # the new full-resolution conv takes over the input channels; the stride-2 conv now maps 8 -> 8, plus a GroupNorm
+    assert count_parameters(deep) - count_parameters(strided) == 8 * 8 * 27 + 2 * 8
+    first = deep.extractors[0].stem[0]
+    assert isinstance(first, torch.nn.Conv3d) and first.stride == (1, 1, 1)
+    assert ModuleValidator.validate(deep, strict=True) == []
+    gsm = GradSampleModule(deep)
+    image, regions = _case(batch=3)
+    out = gsm(image, regions)
+    assert out["logits"].shape == (3, 3)
+    (out["logits"].sum() + out["ki67"].sum()).backward()
+    for name, p in deep.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name
+    with pytest.raises(ConfigError, match="model.stem"):
+        from_dict(ModelConfig, {"stem": "wide"}, "model")

@@ -216,7 +216,7 @@ RESULT_SETTINGS: tuple[str, ...] = ("external_site", "preprocess", "model", "tra
 MACHINE_SETTINGS: tuple[str, ...] = ("device", "progress", "threads", "num_workers")
 """Training settings that change where and how fast a run goes, not its result."""
 LEGACY_SETTINGS: dict[str, Any] = {**{f"preprocess.{k}": v for k, v in LEGACY_DEFAULTS.items()},
-                                   "training.ema_decay": None, "refit": False}
+                                   "training.ema_decay": None, "refit": False, "model.stem": "strided"}
 """What a result setting meant in a folder written before the setting existed."""
 
 

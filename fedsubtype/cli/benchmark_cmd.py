@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--physical-size", action=argparse.BooleanOptionalAction, default=False,
                        help="give the networks the tumour's volume and field of view, which resizing the crop to "
                             "S³ hides (default: off)")
+    paper.add_argument("--stem", choices=("strided", "deep"), default="strided",
+                       help="deep: a full-resolution convolution before the first downsampling, so voxel-scale "
+                            "texture is read at the input's resolution (default: strided)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=_patience, default=4,
                        help="early-stopping patience in epochs, or 'none' to run every epoch and keep the best on "
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         manifest=Path(manifest), out=args.out, cache_dir=args.cache, seeds=args.seeds, rows=rows,
         external_site=args.external_site, workers=max(1, args.workers), n_boot=args.n_boot,
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
-        model=ModelConfig(physical_size=args.physical_size),
+        model=ModelConfig(physical_size=args.physical_size, stem=args.stem),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "lr": args.lr, "progress": False,
                                          "device": args.device, "ema_decay": args.ema_decay,
                                          "augment_strength": args.augment_strength}, "training"),

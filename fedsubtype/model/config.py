@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .variants import VARIANTS
 
+STEMS: tuple[str, ...] = ("strided", "deep")
+"""How the extractor meets the input: one stride-2 convolution, or a full-resolution one before it."""
+
 
 @dataclass
 class ModelConfig:
@@ -38,6 +41,9 @@ class ModelConfig:
     physical_size: bool = False
     """Give the representation the tumour's physical size (volume in mL, field of view in mm). The crop is
     resized to S³ whatever the tumour's size, so without this the network cannot see how big it is."""
+    stem: str = "strided"
+    """`strided`: one stride-2 convolution first; `deep`: a full-resolution convolution before it, so
+    voxel-scale texture passes a nonlinearity before the first downsampling (about 7 k more parameters)."""
 
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError (one line naming the key) for an impossible setting."""
@@ -51,5 +57,7 @@ class ModelConfig:
         if len(self.blocks) != 3 or any(b < 1 for b in self.blocks):
             raise ConfigError(f"blocks must be three positive numbers, got {list(self.blocks)}", "e.g. [1, 1, 1]",
                               where=f"{where}.blocks")
+        if self.stem not in STEMS:
+            raise ConfigError(f"unknown stem {self.stem!r}", f"use one of {', '.join(STEMS)}", where=f"{where}.stem")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "e.g. 0.2", where=f"{where}.dropout")

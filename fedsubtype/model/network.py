@@ -64,7 +64,7 @@ class SpatialMultiTaskNet(nn.Module):
         self.cfg, self.spec, self.tasks = cfg, spec, tuple(tasks)
         in_ch = cfg.in_channels + (len(spec.regions) if cfg.region_channels else 0)
         n_extractors = 1 if spec.shared_extractor else len(self.tasks)
-        self.extractors = nn.ModuleList([FeatureExtractor(in_ch, cfg.width, cfg.blocks, cfg.groups)
+        self.extractors = nn.ModuleList([FeatureExtractor(in_ch, cfg.width, cfg.blocks, cfg.groups, cfg.stem)
                                          for _ in range(n_extractors)])
         channels = self.extractors[0].channels
         self.fusion = MultiScaleFusion(channels, cfg.feature_dim, cfg.groups)
