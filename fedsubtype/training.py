@@ -573,9 +573,9 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
     AdamW with a per-step cosine schedule after linear warm-up; seeded shuffling and augmentation;
     validation every `eval_every` epochs selects the best weights (val mean AUC, else val loss) and drives
     early stopping. Without `val_data` the final weights are kept. With `cfg.ema_decay` an exponential
-    moving average of the weights is what is validated, selected and returned. FedProx: with ``proximal_mu > 0`` the
-    gradient of (mu/2)·||w − w_global||² is added, ``global_params`` defaulting to the weights at entry
-    (trainable parameters in ``model.parameters()`` order).
+    moving average of the weights is what is validated, selected and returned. FedProx: with
+    ``proximal_mu > 0`` the gradient of (mu/2)·||w − w_global||² is added, ``global_params`` defaulting
+    to the weights at entry (trainable parameters in ``model.parameters()`` order).
     """
     from tqdm.auto import tqdm
 

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--physical-size", action=argparse.BooleanOptionalAction, default=False,
                        help="give the networks the tumour's volume and field of view, which resizing the crop to "
                             "S³ hides (default: off)")
-    paper.add_argument("--stem", choices=("strided", "deep"), default="strided",
+    paper.add_argument("--stem", choices=("strided", "deep"), default="strided",  # model.STEMS; not imported: torch
                        help="deep: a full-resolution convolution before the first downsampling, so voxel-scale "
                             "texture is read at the input's resolution (default: strided)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
