@@ -120,12 +120,13 @@ def _read_payload(path: Path) -> dict[str, Any]:
 def read_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelBundle]:
     """The weights and the rebuilt configurations of a model file, without building the network."""
     from .model import ModelConfig
+    from .model.config import LEGACY_DEFAULTS as MODEL_LEGACY
     from .preprocess import LEGACY_DEFAULTS, PreprocessConfig
 
     path = Path(path)
     payload = _read_payload(path)
     try:
-        model_cfg = from_dict(ModelConfig, payload["model_config"], where="model_config")
+        model_cfg = from_dict(ModelConfig, {**MODEL_LEGACY, **payload["model_config"]}, where="model_config")
         prep_cfg = from_dict(PreprocessConfig, {**LEGACY_DEFAULTS, **payload["preprocess_config"]},
                              where="preprocess_config")
     except ConfigError as exc:

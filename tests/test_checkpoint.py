@@ -134,6 +134,18 @@ def test_model_file_from_before_tumour_range_keeps_its_clipping(saved, tmp_path:
     assert read_bundle(saved[0])[1].preprocess_config.keep_tumour_range is True
 
 
+def test_model_file_from_before_the_newer_network_options_builds_the_network_it_was_trained_as(saved, tmp_path: Path) -> None:
+    from fedsubtype.model.config import LEGACY_DEFAULTS
+
+    payload = torch.load(saved[0], weights_only=True)
+    old = {k: v for k, v in payload["model_config"].items() if k not in LEGACY_DEFAULTS}
+    path = _rewrite(saved[0], tmp_path / "old.pt", model_config=old)
+    _, bundle = read_bundle(path)
+    assert {k: getattr(bundle.model_config, k) for k in LEGACY_DEFAULTS} == LEGACY_DEFAULTS
+    model, _ = load_model(path)  # the stored weights fit the network rebuilt from the legacy values
+    assert not model.training
+
+
 def test_weights_that_do_not_fit(saved, tmp_path: Path) -> None:
     payload = torch.load(saved[0], weights_only=True)
     bad = _rewrite(saved[0], tmp_path / "wider.pt", model_config=dict(payload["model_config"], width=16, hidden_dim=32))

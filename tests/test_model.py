@@ -28,8 +28,9 @@ def _case(batch: int = 2, size: int = S, seed: int = 0) -> tuple[torch.Tensor, t
     return image, regions
 
 
-def _eval_model(variant: str, seed: int = 0) -> torch.nn.Module:
-    return build_model(ModelConfig(variant=variant, width=8, feature_dim=16, hidden_dim=16), seed=seed).eval()
+def _eval_model(variant: str, seed: int = 0, mixing: str = "softmax_sum") -> torch.nn.Module:
+    return build_model(ModelConfig(variant=variant, width=8, feature_dim=16, hidden_dim=16, region_mixing=mixing),
+                       seed=seed).eval()
 
 
 def test_variants_are_the_paper_rows() -> None:
@@ -71,19 +72,44 @@ def test_attention_scales_per_variant() -> None:
     assert torch.all(uniform == 1)
 
 
-def test_region_weights_follow_the_variant_and_absent_regions() -> None:
+@pytest.mark.parametrize("mixing", ["softmax_sum", "gated_concat"])
+def test_region_weights_follow_the_variant_and_absent_regions(mixing: str) -> None:
     image, regions = _case()
-    w_core = _eval_model("core_only")(image, regions, explain=True)["region_weights"]
+    w_core = _eval_model("core_only", mixing=mixing)(image, regions, explain=True)["region_weights"]
     torch.testing.assert_close(w_core, torch.tensor([[1.0, 0.0, 0.0]] * 2))
-    w_np = _eval_model("no_peritumoral")(image, regions, explain=True)["region_weights"]
+    w_np = _eval_model("no_peritumoral", mixing=mixing)(image, regions, explain=True)["region_weights"]
     assert torch.all(w_np[:, 2] == 0) and torch.all(w_np[:, :2] > 0)
     no_peri = torch.where(regions == 3, torch.zeros_like(regions), regions)
-    w_full = _eval_model("full")(image, no_peri, explain=True)["region_weights"]
+    w_full = _eval_model("full", mixing=mixing)(image, no_peri, explain=True)["region_weights"]
     assert torch.all(w_full[:, 2] == 0)
     torch.testing.assert_close(w_full.sum(1), torch.ones(2))
     empty = torch.zeros_like(regions)
-    w_empty = _eval_model("full")(image, empty, explain=True)["region_weights"]
+    w_empty = _eval_model("full", mixing=mixing)(image, empty, explain=True)["region_weights"]
     torch.testing.assert_close(w_empty, torch.full((2, 3), 1 / 3))
+
+
+def test_gated_concat_keeps_each_region_in_its_own_slot() -> None:
+    from fedsubtype.model.regions_pool import RegionWeighting
+
+    torch.manual_seed(0)
+    module = RegionWeighting(4, ("core", "rim", "peritumoral"), mixing="gated_concat")
+    assert module.out_dim == 12
+    feats = torch.randn(2, 4, 4, 4, 4)
+    fractions = torch.rand(2, 3, 4, 4, 4)
+    fractions[1, 2] = 0.0  # the second case has no peritumoral tissue
+    vector, weights = module(feats, fractions, None)
+    assert vector.shape == (2, 12)
+    assert torch.all(vector[1, 8:] == 0) and torch.any(vector[0, 8:] != 0)
+    assert weights[1, 2] == 0 and torch.all(weights[0] > 0)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    # each slot is that region's projected vector scaled by its own sigmoid gate (no competition)
+    pooled = (torch.einsum("bcxyz,brxyz->brc", feats, fractions)
+              / fractions.flatten(2).sum(-1).clamp_min(1e-6).unsqueeze(-1))
+    gates = torch.sigmoid(module.gate(pooled.flatten(1)))
+    core = gates[0, 0] * torch.nn.functional.silu(module.proj["core"](pooled[0, 0]))
+    torch.testing.assert_close(vector[0, :4], core)
+    with pytest.raises(ConfigError, match="model.region_mixing"):
+        from_dict(ModelConfig, {"region_mixing": "max"}, "model")
 
 
 @pytest.mark.parametrize("size", [24, 32])
@@ -147,15 +173,19 @@ def test_only_groupnorm_and_opacus_compatible(variant: str) -> None:
     assert not any("BatchNorm" in k or "InstanceNorm" in k for k in kinds)
 
 
-@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_opacus_per_sample_gradients_for_every_parameter() -> None:
-    model = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0)
+def _assert_per_sample_gradients(model: torch.nn.Module) -> None:
+    """Opacus computes a finite per-sample gradient for every parameter of `model` (batch of 3)."""
     gsm = GradSampleModule(model)
-    image, regions = _case(batch=3)
-    out = gsm(image, regions)
+    out = gsm(*_case(batch=3))
     (out["logits"].sum() + out["ki67"].sum()).backward()
     for name, p in model.named_parameters():
         assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name
+        assert torch.isfinite(p.grad_sample).all(), name
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_opacus_per_sample_gradients_for_every_parameter() -> None:
+    _assert_per_sample_gradients(build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -266,12 +296,65 @@ def test_deep_stem_reads_the_full_resolution_and_stays_private_compatible() -> N
     first = deep.extractors[0].stem[0]
     assert isinstance(first, torch.nn.Conv3d) and first.stride == (1, 1, 1)
     assert ModuleValidator.validate(deep, strict=True) == []
-    gsm = GradSampleModule(deep)
-    image, regions = _case(batch=3)
-    out = gsm(image, regions)
-    assert out["logits"].shape == (3, 3)
-    (out["logits"].sum() + out["ki67"].sum()).backward()
-    for name, p in deep.named_parameters():
-        assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name
+    _assert_per_sample_gradients(deep)
     with pytest.raises(ConfigError, match="model.stem"):
         from_dict(ModelConfig, {"stem": "wide"}, "model")
+
+
+def test_weighted_moments_match_a_hand_computed_mean_and_standard_deviation() -> None:
+    from fedsubtype.model.regions_pool import weighted_moments
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 3, 2, 2, 2, generator=g, dtype=torch.float64)
+    weights = torch.rand(2, 2, 2, 2, 2, generator=g, dtype=torch.float64)
+    weights[1, 1] = 0.0
+    weights[1, 1, 0, 0, 0] = 0.5  # one voxel: mean = that value, spread 0
+    out = weighted_moments(feats, weights, std=True)
+    assert out.shape == (2, 2, 6)
+    for b in range(2):
+        for r in range(2):
+            w = weights[b, r].flatten()
+            for c in range(3):
+                f = feats[b, c].flatten()
+                mean = float((w * f).sum() / w.sum())
+                sd = math.sqrt(float((w * (f - mean) ** 2).sum() / w.sum()))
+                assert out[b, r, c].item() == pytest.approx(mean, abs=1e-9)
+                assert out[b, r, 3 + c].item() == pytest.approx(sd, abs=1e-3)  # sqrt(var + 1e-6)
+    assert out[1, 1, 3:].max().item() == pytest.approx(1e-3, rel=1e-3)
+    torch.testing.assert_close(weighted_moments(feats, weights, std=False), out[..., :3])
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_mean_std_pooling_reads_twice_the_features_and_stays_private_compatible() -> None:
+    small = dict(width=8, feature_dim=16, hidden_dim=16)
+    mean = build_model(ModelConfig(**small), seed=0)
+    both = build_model(ModelConfig(**small, pooling="mean_std"), seed=0)
+    # each region's projection and the gate's first layer read twice the features: 3·16·16 + 3·16·16
+    assert count_parameters(both) - count_parameters(mean) == 2 * 3 * 16 * 16
+    assert ModuleValidator.validate(both, strict=True) == []
+    _assert_per_sample_gradients(both)
+    with pytest.raises(ConfigError, match="model.pooling"):
+        from_dict(ModelConfig, {"pooling": "max"}, "model")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_task_branches_give_each_task_its_own_attention_and_regions() -> None:
+    small = dict(width=8, feature_dim=16, hidden_dim=16)
+    shared = build_model(ModelConfig(**small), seed=0)
+    branched = build_model(ModelConfig(**small, task_branches=True), seed=0).eval()
+    branch = sum(p.numel() for p in branched.task_branches["er"].parameters())
+    assert count_parameters(branched) - count_parameters(shared) == 3 * branch  # four sets instead of one
+    image, regions = _case()
+    with torch.no_grad():
+        before = branched(image, regions, explain=True)
+        for p in branched.task_branches["her2"].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        after = branched(image, regions)
+    torch.testing.assert_close(after["logits"][:, :2], before["logits"][:, :2])  # ER, PR untouched
+    torch.testing.assert_close(after["ki67"], before["ki67"])
+    assert not torch.allclose(after["logits"][:, 2], before["logits"][:, 2])
+    assert set(before["attention"]) == {"scale_1", "scale_2", "scale_3", "fused"}  # averaged over the tasks
+    torch.testing.assert_close(before["region_weights"].sum(1), torch.ones(2))
+    _assert_per_sample_gradients(build_model(ModelConfig(**small, task_branches=True), seed=0))
+    with pytest.raises(ConfigError, match="model.task_branches"):
+        from_dict(ModelConfig, {"task_branches": "yes"}, "model")

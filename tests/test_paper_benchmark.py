@@ -44,9 +44,10 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     assert done.stat().st_mtime_ns == stamp
     sized = tmp_path / "sized"
     assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size", "--patience", "none",
-                 "--epochs", "2", "--ema-decay", "0.9", "--augment-strength", "0.5", "--refit"]) == 0
+                 "--epochs", "2", "--ema-decay", "0.9", "--augment-strength", "0.5", "--refit", "--pooling", "mean_std", "--task-branches"]) == 0
     stored = yaml.safe_load((sized / "config.yaml").read_text(encoding="utf-8"))
     assert stored["model"]["physical_size"] is True and stored["training"]["patience"] is None
+    assert stored["model"]["pooling"] == "mean_std" and stored["model"]["task_branches"] is True
     assert stored["training"]["ema_decay"] == 0.9 and stored["training"]["augment_strength"] == 0.5 and stored["refit"] is True
     run = sized / "runs" / "full" / "seed0"
     assert (run / "done.json").is_file()
@@ -99,3 +100,16 @@ def test_a_folder_from_before_weight_averaging_and_refit_is_not_resumed_with_the
     with pytest.raises(UserError, match="training.ema_decay"):
         _check_same_settings(tmp_path / "config.yaml", {"training": to_dict(TrainConfig(epochs=12, ema_decay=0.99))})
     _check_same_settings(tmp_path / "config.yaml", {"training": to_dict(TrainConfig(epochs=12)), "refit": False})
+
+
+def test_a_folder_from_before_std_pooling_reads_as_mean_pooling(tmp_path: Path) -> None:
+    from fedsubtype.benchmarks.paper import _check_same_settings
+    from fedsubtype.configio import to_dict
+    from fedsubtype.model import ModelConfig
+
+    old = to_dict(ModelConfig())
+    del old["pooling"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": old}), encoding="utf-8")
+    _check_same_settings(tmp_path / "config.yaml", {"model": to_dict(ModelConfig(pooling="mean"))})
+    with pytest.raises(UserError, match="model.pooling"):
+        _check_same_settings(tmp_path / "config.yaml", {"model": to_dict(ModelConfig(pooling="mean_std"))})

@@ -25,6 +25,7 @@ from ..configio import atomic_write_text, dump_yaml, to_dict
 from ..errors import UserError
 from ..manifest import Case
 from ..model import VARIANTS, ModelConfig
+from ..model.config import LEGACY_DEFAULTS as MODEL_LEGACY
 from ..preprocess import LEGACY_DEFAULTS, PreprocessConfig
 from ..training import Predictions, TrainConfig
 
@@ -216,7 +217,8 @@ RESULT_SETTINGS: tuple[str, ...] = ("external_site", "preprocess", "model", "tra
 MACHINE_SETTINGS: tuple[str, ...] = ("device", "progress", "threads", "num_workers")
 """Training settings that change where and how fast a run goes, not its result."""
 LEGACY_SETTINGS: dict[str, Any] = {**{f"preprocess.{k}": v for k, v in LEGACY_DEFAULTS.items()},
-                                   "training.ema_decay": None, "refit": False, "model.stem": "strided"}
+                                   **{f"model.{k}": v for k, v in MODEL_LEGACY.items()},
+                                   "training.ema_decay": None, "refit": False}
 """What a result setting meant in a folder written before the setting existed."""
 
 

@@ -59,6 +59,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--stem", choices=("strided", "deep"), default="strided",  # model.STEMS; not imported: torch
                        help="deep: a full-resolution convolution before the first downsampling, so voxel-scale "
                             "texture is read at the input's resolution (default: strided)")
+    paper.add_argument("--pooling", choices=("mean", "mean_std"), default="mean",  # model.POOLINGS
+                       help="statistics pooled per region: mean, or mean_std (also the standard deviation, "
+                            "so within-region heterogeneity is read directly) (default: mean)")
+    paper.add_argument("--region-mixing", choices=("softmax_sum", "gated_concat"), default="softmax_sum",  # REGION_MIXINGS
+                       help="how region vectors combine: a softmax-weighted sum, or sigmoid-gated and concatenated "
+                            "so each region keeps its features (default: softmax_sum)")
+    paper.add_argument("--task-branches", action=argparse.BooleanOptionalAction, default=False,
+                       help="give each task its own attention, region weighting and representation over the "
+                            "shared extractor (default: off)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=_patience, default=4,
                        help="early-stopping patience in epochs, or 'none' to run every epoch and keep the best on "
@@ -109,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         manifest=Path(manifest), out=args.out, cache_dir=args.cache, seeds=args.seeds, rows=rows,
         external_site=args.external_site, workers=max(1, args.workers), n_boot=args.n_boot,
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
-        model=ModelConfig(physical_size=args.physical_size, stem=args.stem),
+        model=ModelConfig(physical_size=args.physical_size, stem=args.stem, pooling=args.pooling,
+                          region_mixing=args.region_mixing, task_branches=args.task_branches),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "lr": args.lr, "progress": False,
                                          "device": args.device, "ema_decay": args.ema_decay,
                                          "augment_strength": args.augment_strength}, "training"),

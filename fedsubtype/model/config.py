@@ -10,6 +10,17 @@ from .variants import VARIANTS
 STEMS: tuple[str, ...] = ("strided", "deep")
 """How the extractor meets the input: one stride-2 convolution, or a full-resolution one before it."""
 
+POOLINGS: tuple[str, ...] = ("mean", "mean_std")
+"""Statistics pooled per region: the weighted mean of each feature, or the mean and the standard deviation."""
+
+REGION_MIXINGS: tuple[str, ...] = ("softmax_sum", "gated_concat")
+"""How the region vectors become one: a softmax-weighted sum, or sigmoid-gated and concatenated."""
+
+LEGACY_DEFAULTS: dict[str, object] = {"stem": "strided", "pooling": "mean", "region_mixing": "softmax_sum",
+                                      "task_branches": False}
+"""Keys added after model configs were stored (model files, benchmark folders), with the value the network
+had before them: a stored config without the key means this, whatever today's default is."""
+
 
 @dataclass
 class ModelConfig:
@@ -45,6 +56,19 @@ class ModelConfig:
     """`strided`: one stride-2 convolution first; `deep`: a full-resolution convolution before it, so
     voxel-scale texture passes a nonlinearity before the first downsampling (about 7 k more parameters)."""
 
+    pooling: str = "mean"
+    """Statistics pooled per region: `mean` of each feature, or `mean_std` (mean and standard deviation,
+    so within-region heterogeneity is read directly; about 25 k more parameters at the default sizes)."""
+
+    region_mixing: str = "softmax_sum"
+    """`softmax_sum`: softmax weights over the regions and one weighted sum (regions compete; trained on
+    the phantom, the rim takes ~97 % of the weight and the representation collapses to one direction);
+    `gated_concat`: a sigmoid weight per region, vectors concatenated (each region keeps its features)."""
+
+    task_branches: bool = False
+    """Give each task its own attention, region weighting and representation over the shared extractor and
+    fusion. Shared, they collapse on the phantom to one direction that every head reads (docs/model.md)."""
+
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError (one line naming the key) for an impossible setting."""
         if self.variant not in VARIANTS:
@@ -59,5 +83,14 @@ class ModelConfig:
                               where=f"{where}.blocks")
         if self.stem not in STEMS:
             raise ConfigError(f"unknown stem {self.stem!r}", f"use one of {', '.join(STEMS)}", where=f"{where}.stem")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {self.pooling!r}", f"use one of {', '.join(POOLINGS)}",
+                              where=f"{where}.pooling")
+        if not isinstance(self.task_branches, bool):
+            raise ConfigError(f"task_branches must be true or false, got {self.task_branches!r}", "use true or false",
+                              where=f"{where}.task_branches")
+        if self.region_mixing not in REGION_MIXINGS:
+            raise ConfigError(f"unknown region_mixing {self.region_mixing!r}", f"use one of {', '.join(REGION_MIXINGS)}",
+                              where=f"{where}.region_mixing")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "e.g. 0.2", where=f"{where}.dropout")

@@ -51,12 +51,29 @@ def _check_inputs(image: torch.Tensor, regions: torch.Tensor) -> None:
         raise ValueError(f"spatial size {tuple(image.shape[-3:])} must be a multiple of 8 (set preprocessing size)")
 
 
+class _Branch(nn.Module):
+    """What turns the fused feature map into one representation: multi-scale attention (None when the
+    variant has none), region weighting, and the representation layer."""
+
+    def __init__(self, cfg: ModelConfig, spec: VariantSpec, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.attention = (MultiScaleSpatialAttention(channels, spec.attention_scales)
+                          if spec.attention_scales else None)
+        self.region_weighting = RegionWeighting(cfg.feature_dim, spec.regions, cfg.pooling, cfg.region_mixing)
+        extra = SIZE_FEATURES if cfg.physical_size else 0
+        self.representation = nn.Sequential(nn.Linear(self.region_weighting.out_dim + extra, cfg.hidden_dim), nn.SiLU(),
+                                            nn.Dropout(cfg.dropout))
+
+
 class SpatialMultiTaskNet(nn.Module):
     """Extractor(s) -> multi-scale fusion -> multi-scale spatial attention -> region weighting ->
-    shared representation -> one branch per task.
+    representation -> one head per task.
 
-    With `shared_extractor=False` each task gets its own extractor, while fusion, attention, region
-    weighting and the representation layer stay shared (applied to each task's features).
+    By default attention, region weighting and the representation are one set shared by every task;
+    with `task_branches` each task has its own set over the shared extractor and fusion (as in
+    multi-task attention networks), so a task can look at its own voxels and regions. With
+    `shared_extractor=False` each task gets its own extractor, while fusion (and, without
+    `task_branches`, attention, region weighting and the representation) stay shared.
     """
 
     def __init__(self, cfg: ModelConfig, spec: VariantSpec, tasks: tuple[str, ...] = TASKS) -> None:
@@ -68,12 +85,12 @@ class SpatialMultiTaskNet(nn.Module):
                                          for _ in range(n_extractors)])
         channels = self.extractors[0].channels
         self.fusion = MultiScaleFusion(channels, cfg.feature_dim, cfg.groups)
-        self.attention = (MultiScaleSpatialAttention(channels, spec.attention_scales)
-                          if spec.attention_scales else None)
-        self.region_weighting = RegionWeighting(cfg.feature_dim, spec.regions)
-        extra = SIZE_FEATURES if cfg.physical_size else 0
-        self.representation = nn.Sequential(nn.Linear(cfg.feature_dim + extra, cfg.hidden_dim), nn.SiLU(),
-                                            nn.Dropout(cfg.dropout))
+        if cfg.task_branches:  # one attention, region weighting and representation per task
+            self.task_branches = nn.ModuleDict({t: _Branch(cfg, spec, channels) for t in self.tasks})
+        else:  # one set, shared by every task (module names kept as they were for stored weights)
+            shared = _Branch(cfg, spec, channels)
+            self.attention, self.region_weighting, self.representation = (shared.attention, shared.region_weighting,
+                                                                          shared.representation)
         half = max(cfg.hidden_dim // 2, 1)
         self.heads = nn.ModuleDict({t: nn.Sequential(nn.Linear(cfg.hidden_dim, half), nn.SiLU(), nn.Linear(half, 1))
                                     for t in self.tasks})
@@ -81,22 +98,38 @@ class SpatialMultiTaskNet(nn.Module):
             with torch.no_grad():
                 self.heads["ki67"][-1].bias.fill_(math.log(KI67_PRIOR / (1 - KI67_PRIOR)))
 
+    def _branch(self, task: str) -> "_Branch | SpatialMultiTaskNet":
+        """The attention, region weighting and representation that `task` reads through."""
+        return self.task_branches[task] if self.cfg.task_branches else self
+
     def _tower(self, extractor: nn.Module, x: torch.Tensor, masks: torch.Tensor, size: torch.Tensor | None,
-               explain: bool) -> dict:
+               explain: bool, tasks: tuple[str, ...]) -> dict:
+        """Features of one extractor through the branches of `tasks` (all the same branch when shared)."""
         feats = extractor(x)
         fused_feats = self.fusion(feats)
         grid = tuple(fused_feats.shape[-3:])
-        attention, maps = (None, {}) if self.attention is None else self.attention(feats, grid)
-        vector, weights = self.region_weighting(fused_feats, region_fractions(masks, grid), attention)
-        if size is not None:
-            vector = torch.cat([vector, size.to(vector.dtype)], dim=1)
-        out = {"representation": self.representation(vector), "region_weights": weights}
+        fractions = region_fractions(masks, grid)
+        branches = {t: self._branch(t) for t in tasks} if self.cfg.task_branches else {None: self}
+        reps, explanations = {}, []
+        for key, branch in branches.items():
+            attention, maps = (None, {}) if branch.attention is None else branch.attention(feats, grid)
+            vector, weights = branch.region_weighting(fused_feats, fractions, attention)
+            if size is not None:
+                vector = torch.cat([vector, size.to(vector.dtype)], dim=1)
+            reps[key] = branch.representation(vector)
+            explanation: dict = {"region_weights": weights}
+            if explain:
+                full = tuple(x.shape[-3:])
+                att = {name: resample(m, full) for name, m in maps.items()}
+                att["fused"] = (resample(attention, full) if attention is not None
+                                else torch.ones_like(x[:, :1]))
+                explanation["attention"] = att
+            explanations.append(explanation)
+        out = {"representation": {t: reps[t if self.cfg.task_branches else None] for t in tasks}}
         if explain:
-            full = tuple(x.shape[-3:])
-            att = {name: resample(m, full) for name, m in maps.items()}
-            att["fused"] = (resample(attention, full) if attention is not None
-                            else torch.ones_like(x[:, :1]))
-            out["attention"] = att
+            out.update(_average_explanations(explanations))
+        else:
+            out["region_weights"] = torch.stack([e["region_weights"] for e in explanations]).mean(0)
         return out
 
     def raw_outputs(self, image: torch.Tensor, regions: torch.Tensor, voxel_mm: torch.Tensor | None = None,
@@ -108,10 +141,13 @@ class SpatialMultiTaskNet(nn.Module):
         x = image * masks.sum(1, keepdim=True) if self.cfg.mask_input else image
         if self.cfg.region_channels:
             x = torch.cat([x, masks], dim=1)
-        towers = [self._tower(e, x, masks, size, explain) for e in self.extractors]
+        if len(self.extractors) == 1:
+            towers = [self._tower(self.extractors[0], x, masks, size, explain, self.tasks)]
+        else:
+            towers = [self._tower(e, x, masks, size, explain, (t,)) for e, t in zip(self.extractors, self.tasks)]
         raw = {}
         for i, task in enumerate(self.tasks):
-            rep = towers[i if len(towers) > 1 else 0]["representation"]
+            rep = towers[i if len(towers) > 1 else 0]["representation"][task]
             raw[task] = self.heads[task](rep).squeeze(-1)
         return raw, (_average_explanations(towers) if explain else {})
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import REGION_LABELS
+from .config import POOLINGS, REGION_MIXINGS
 from .variants import ALL_REGIONS
 
 
@@ -20,33 +21,64 @@ def region_fractions(masks: torch.Tensor, size: tuple[int, int, int]) -> torch.T
     return F.adaptive_avg_pool3d(masks, size)
 
 
-class RegionWeighting(nn.Module):
-    """Pools features per region (weights = attention x region fraction), then mixes the regions
-    with input-dependent softmax weights from a small gate; absent regions get weight 0."""
+def weighted_moments(feats: torch.Tensor, weights: torch.Tensor, std: bool) -> torch.Tensor:
+    """Per-region weighted mean of feats [B,C,s,s,s] under weights [B,R,s,s,s] -> [B,R,C]; with `std`,
+    the weighted standard deviation is appended -> [B,R,2C] (how varied a feature is inside a region:
+    heterogeneity, which a mean cannot express)."""
+    mass = weights.flatten(2).sum(-1).clamp_min(1e-6).unsqueeze(-1)  # [B,R,1]
+    mean = torch.einsum("bcxyz,brxyz->brc", feats, weights) / mass
+    if not std:
+        return mean
+    second = torch.einsum("bcxyz,brxyz->brc", feats * feats, weights) / mass
+    return torch.cat([mean, torch.sqrt((second - mean * mean).clamp_min(0.0) + 1e-6)], dim=-1)
 
-    def __init__(self, dim: int, regions: tuple[str, ...]) -> None:
+
+class RegionWeighting(nn.Module):
+    """Pools features per region (weights = attention x region fraction), then weighs the regions with
+    input-dependent weights from a small gate; absent regions get weight 0.
+
+    `softmax_sum`: softmax weights, one weighted sum of the region vectors (the regions compete, and
+    one can take all the weight); `gated_concat`: an independent sigmoid weight per region scales its
+    vector, and the vectors are concatenated, so each region keeps its own features.
+    """
+
+    def __init__(self, dim: int, regions: tuple[str, ...], pooling: str = "mean", mixing: str = "softmax_sum") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if mixing not in REGION_MIXINGS:
+            raise ValueError(f"mixing must be one of {REGION_MIXINGS}, got {mixing!r}")
         self.regions = tuple(regions)
         self.index = [ALL_REGIONS.index(r) for r in self.regions]
-        self.proj = nn.ModuleDict({r: nn.Linear(dim, dim) for r in self.regions})
-        self.gate = nn.Sequential(nn.Linear(len(self.regions) * dim, dim), nn.SiLU(), nn.Linear(dim, len(self.regions)))
+        self.std = pooling == "mean_std"
+        self.concat = mixing == "gated_concat"
+        self.out_dim = dim * len(self.regions) if self.concat else dim
+        """Size of the vector returned by forward."""
+        pooled = 2 * dim if self.std else dim
+        self.proj = nn.ModuleDict({r: nn.Linear(pooled, dim) for r in self.regions})
+        self.gate = nn.Sequential(nn.Linear(len(self.regions) * pooled, dim), nn.SiLU(), nn.Linear(dim, len(self.regions)))
         self.act = nn.SiLU()
 
     def forward(self, feats: torch.Tensor, fractions: torch.Tensor, attention: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B,C,s,s,s], fractions [B,R,s,s,s] (regions of this module), attention [B,1,s,s,s] or None.
-        Returns the region-weighted vector [B,C] and the weights [B,3] over ALL_REGIONS."""
+        Returns the region-weighted vector [B,out_dim] and the weights [B,3] over ALL_REGIONS (summing to 1)."""
         weights = fractions if attention is None else fractions * attention
-        mass = weights.flatten(2).sum(-1)  # [B,R]
-        pooled = torch.einsum("bcxyz,brxyz->brc", feats, weights) / mass.clamp_min(1e-6).unsqueeze(-1)
+        pooled = weighted_moments(feats, weights, self.std)
         projected = torch.stack([self.act(self.proj[r](pooled[:, i])) for i, r in enumerate(self.regions)], dim=1)
         present = fractions.flatten(2).sum(-1) > 0
-        logits = self.gate(pooled.flatten(1))
-        logits = torch.where(present, logits, torch.full_like(logits, torch.finfo(logits.dtype).min))
         none = ~present.any(dim=1, keepdim=True)
-        logits = torch.where(none, torch.zeros_like(logits), logits)  # no region at all: uniform weights
-        w = torch.softmax(logits, dim=1)
-        vector = (w.unsqueeze(-1) * projected).sum(1)
+        logits = self.gate(pooled.flatten(1))
+        if self.concat:
+            gates = torch.sigmoid(logits) * present
+            vector = (gates.unsqueeze(-1) * projected).flatten(1)
+            share = gates / gates.sum(1, keepdim=True).clamp_min(1e-6)
+            w = torch.where(none, torch.full_like(share, 1.0 / len(self.regions)), share)
+        else:
+            logits = torch.where(present, logits, torch.full_like(logits, torch.finfo(logits.dtype).min))
+            logits = torch.where(none, torch.zeros_like(logits), logits)  # no region at all: uniform weights
+            w = torch.softmax(logits, dim=1)
+            vector = (w.unsqueeze(-1) * projected).sum(1)
         full = torch.zeros(w.shape[0], len(ALL_REGIONS), dtype=w.dtype, device=w.device)
         full = full.index_copy(1, torch.tensor(self.index, device=w.device), w)
         return vector, full
