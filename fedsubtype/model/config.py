@@ -62,12 +62,13 @@ class ModelConfig:
 
     region_mixing: str = "softmax_sum"
     """`softmax_sum`: softmax weights over the regions and one weighted sum (regions compete; trained on
-    the phantom, the rim takes ~97 % of the weight and the representation collapses to one direction);
-    `gated_concat`: a sigmoid weight per region, vectors concatenated (each region keeps its features)."""
+    the phantom, one region ends up with nearly all the weight); `gated_concat`: a sigmoid weight per
+    region, vectors concatenated (each region keeps its features)."""
 
     task_branches: bool = False
     """Give each task its own attention, region weighting and representation over the shared extractor and
-    fusion. Shared, they collapse on the phantom to one direction that every head reads (docs/model.md)."""
+    fusion (as multi-task attention networks do). On the phantom the shared set collapses onto one
+    direction that every head reads; separate sets loosen that only a little (docs/paper-benchmark.md)."""
 
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError (one line naming the key) for an impossible setting."""

@@ -98,10 +98,6 @@ class SpatialMultiTaskNet(nn.Module):
             with torch.no_grad():
                 self.heads["ki67"][-1].bias.fill_(math.log(KI67_PRIOR / (1 - KI67_PRIOR)))
 
-    def _branch(self, task: str) -> "_Branch | SpatialMultiTaskNet":
-        """The attention, region weighting and representation that `task` reads through."""
-        return self.task_branches[task] if self.cfg.task_branches else self
-
     def _tower(self, extractor: nn.Module, x: torch.Tensor, masks: torch.Tensor, size: torch.Tensor | None,
                explain: bool, tasks: tuple[str, ...]) -> dict:
         """Features of one extractor through the branches of `tasks` (all the same branch when shared)."""
@@ -109,7 +105,7 @@ class SpatialMultiTaskNet(nn.Module):
         fused_feats = self.fusion(feats)
         grid = tuple(fused_feats.shape[-3:])
         fractions = region_fractions(masks, grid)
-        branches = {t: self._branch(t) for t in tasks} if self.cfg.task_branches else {None: self}
+        branches = {t: self.task_branches[t] for t in tasks} if self.cfg.task_branches else {None: self}
         reps, explanations = {}, []
         for key, branch in branches.items():
             attention, maps = (None, {}) if branch.attention is None else branch.attention(feats, grid)
