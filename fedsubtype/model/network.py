@@ -124,8 +124,6 @@ class SpatialMultiTaskNet(nn.Module):
         out = {"representation": {t: reps[t if self.cfg.task_branches else None] for t in tasks}}
         if explain:
             out.update(_average_explanations(explanations))
-        else:
-            out["region_weights"] = torch.stack([e["region_weights"] for e in explanations]).mean(0)
         return out
 
     def raw_outputs(self, image: torch.Tensor, regions: torch.Tensor, voxel_mm: torch.Tensor | None = None,
