@@ -105,23 +105,22 @@ class SpatialMultiTaskNet(nn.Module):
         fused_feats = self.fusion(feats)
         grid = tuple(fused_feats.shape[-3:])
         fractions = region_fractions(masks, grid)
-        branches = {t: self.task_branches[t] for t in tasks} if self.cfg.task_branches else {None: self}
+        # (tasks served, branch): one per task with task_branches, else the shared set serves them all
+        groups = [((t,), self.task_branches[t]) for t in tasks] if self.cfg.task_branches else [(tasks, self)]
         reps, explanations = {}, []
-        for key, branch in branches.items():
+        for served, branch in groups:
             attention, maps = (None, {}) if branch.attention is None else branch.attention(feats, grid)
             vector, weights = branch.region_weighting(fused_feats, fractions, attention)
             if size is not None:
                 vector = torch.cat([vector, size.to(vector.dtype)], dim=1)
-            reps[key] = branch.representation(vector)
-            explanation: dict = {"region_weights": weights}
+            reps.update(dict.fromkeys(served, branch.representation(vector)))
             if explain:
                 full = tuple(x.shape[-3:])
                 att = {name: resample(m, full) for name, m in maps.items()}
                 att["fused"] = (resample(attention, full) if attention is not None
                                 else torch.ones_like(x[:, :1]))
-                explanation["attention"] = att
-            explanations.append(explanation)
-        out = {"representation": {t: reps[t if self.cfg.task_branches else None] for t in tasks}}
+                explanations.append({"region_weights": weights, "attention": att})
+        out: dict = {"representation": reps}
         if explain:
             out.update(_average_explanations(explanations))
         return out
