@@ -156,7 +156,7 @@ def _phase(grid: Grid, cfg: FederationConfig, messages: list[Message], rnd: int,
     down = sum(m.content.array_records["arrays"].count_bytes() for m in messages if "arrays" in m.content.array_records)
     replies = exchange(grid, messages, cfg.round_timeout_s) if messages else []
     target = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
-    ok, results, failed, seen = [], [], [], set()
+    answers, failed, seen = [], [], set()
     for msg in replies:
         node = target.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
         seen.add(node)
@@ -166,8 +166,10 @@ def _phase(grid: Grid, cfg: FederationConfig, messages: list[Message], rnd: int,
             continue
         name = str(msg.content["site"]["name"]) if "site" in msg.content.config_records else who
         metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()}
-        ok.append(msg)
-        results.append(SiteResult(name, node, metrics))
+        answers.append((SiteResult(name, node, metrics), msg))
+    # replies come in arrival order; a fixed order makes the weighted float sums of aggregation reproducible
+    answers.sort(key=lambda pair: (pair[0].site, pair[0].node_id))
+    results, ok = [r for r, _ in answers], [m for _, m in answers]
     failed += [f"{names.get(n, f'node {n}')}: no answer within {cfg.round_timeout_s:g} s"
                for n in target.values() if n not in seen]
     up = sum(r.count_bytes() for m in ok for r in m.content.array_records.values())

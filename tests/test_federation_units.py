@@ -311,6 +311,63 @@ def test_exchange_polls_until_every_reply_or_the_timeout():
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"] and grid.pulls > 1
 
 
+class _ArrivalOrderGrid:
+    """A SuperLink stand-in: numbers pushed messages and answers them all at once, in `order` of node ids."""
+
+    def __init__(self, order: list[int], sites: dict[int, str], weights: dict[int, np.ndarray]):
+        self.order, self.sites, self.weights, self.pushed = order, sites, weights, {}
+
+    def push_messages(self, messages):
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"msg-{m.metadata.dst_node_id}"  # the SuperLink's job
+            self.pushed[m.metadata.dst_node_id] = m
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+        return [Message(RecordDict({"arrays": ArrayRecord([self.weights[n]]),
+                                    "metrics": MetricRecord({"num-examples": 7 + 13 * n, "train-loss": 0.1 * n}),
+                                    "site": ConfigRecord({"name": self.sites[n]})}), reply_to=self.pushed[n])
+                for n in self.order]
+
+
+def test_replies_are_aggregated_in_a_fixed_order_whatever_their_arrival(tmp_path, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsubtype.federation_config import FederationConfig
+    from server.server_app import _phase
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    rng = np.random.default_rng(0)
+    sites = {11: "site-c", 12: "site-a", 13: "site-b", 14: "site-d"}
+    weights = {n: (rng.normal(size=4096) * 10.0 ** rng.uniform(-3, 3, size=4096)).astype(np.float32) for n in sites}
+    cfg = FederationConfig(run_dir=tmp_path, min_sites=2, round_timeout_s=5.0)
+
+    def run(order):
+        msgs = [Message(RecordDict({"arrays": ArrayRecord([np.zeros(4096, np.float32)]), "config": ConfigRecord({})}),
+                        dst_node_id=n, message_type="train") for n in sites]
+        record, ok = _phase(_ArrivalOrderGrid(order, sites, weights), cfg, msgs, 1, "train")
+        arrays, _ = FedAvg().aggregate_train(1, ok)
+        return record, ok, arrays.to_numpy_ndarrays()[0]
+
+    first, ok, agg = run([11, 12, 13, 14])
+    assert [r.site for r in first.answered] == ["site-a", "site-b", "site-c", "site-d"]
+    assert [str(m.content["site"]["name"]) for m in ok] == ["site-a", "site-b", "site-c", "site-d"]
+    for order in ([14, 13, 12, 11], [13, 11, 14, 12]):
+        record, _, again = run(order)
+        assert [r.site for r in record.answered] == [r.site for r in first.answered]
+        assert np.array_equal(again, agg)  # bit for bit
+    # the test can fail: aggregating the same replies in arrival order does change the float sums
+    arrivals = _ArrivalOrderGrid([14, 13, 12, 11], sites, weights)
+    msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train") for n in sites]
+    unsorted = arrivals.pull_messages(arrivals.push_messages(msgs))
+    assert not np.array_equal(FedAvg().aggregate_train(1, unsorted)[0].to_numpy_ndarrays()[0], agg)
+
+
 def test_weights_travel_as_one_packed_array():
     from fedsubtype.transport import layout_of, pack, unpack
 
