@@ -358,3 +358,57 @@ def test_task_branches_give_each_task_its_own_attention_and_regions() -> None:
     _assert_per_sample_gradients(build_model(ModelConfig(**small, task_branches=True), seed=0))
     with pytest.raises(ConfigError, match="model.task_branches"):
         from_dict(ModelConfig, {"task_branches": "yes"}, "model")
+
+
+def test_region_statistics_by_hand() -> None:
+    from fedsubtype.model.region_stats import STATS_PER_REGION, region_statistics, smooth
+    from fedsubtype.model.regions_pool import region_masks
+
+    g = torch.Generator().manual_seed(5)
+    flat = torch.full((1, 1, 8, 8, 8), 2.5)
+    torch.testing.assert_close(smooth(flat), flat)  # edges replicated: a constant stays constant
+    image = torch.randn(2, 1, 8, 8, 8, generator=g, dtype=torch.float64)
+    regions = torch.zeros(2, 8, 8, 8, dtype=torch.int64)
+    regions[:, 2:6, 2:6, 2:6] = 3
+    regions[:, 3:5, 3:5, 3:5] = 1
+    regions[1, 3:5, 3:5, 3:5] = 2  # case 1 has no core
+    masks = region_masks(regions, ("core", "rim", "peritumoral"))
+    stats = region_statistics(image, masks).reshape(2, 3, STATS_PER_REGION)
+    seen = (regions > 0).unsqueeze(1).float()  # all three regions: the blur is normalised to their union
+    blurred = (smooth(image.float() * seen) / smooth(seen)).double()
+    for b in range(2):
+        for r, label in enumerate((1, 2, 3)):
+            sel = regions[b] == label
+            if not sel.any():
+                assert stats[b, r, :6].abs().max().item() < 2e-3  # empty region: zeros (sd = sqrt(1e-6))
+                assert stats[b, r, 6].item() == pytest.approx(math.log(1e-4))
+                continue
+            for k, arr in enumerate((image[b, 0], blurred[b, 0], image[b, 0] - blurred[b, 0])):
+                v = arr[sel]
+                assert stats[b, r, 2 * k].item() == pytest.approx(v.mean().item(), abs=1e-5)
+                assert stats[b, r, 2 * k + 1].item() == pytest.approx(v.std(unbiased=False).item(), abs=1e-3)
+            assert stats[b, r, 6].item() == pytest.approx(math.log(sel.sum().item() / 512))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_region_statistics_widen_only_the_representation_and_respect_the_variant() -> None:
+    from fedsubtype.model.region_stats import STATS_PER_REGION
+
+    small = dict(width=8, feature_dim=16, hidden_dim=16)
+    plain = build_model(ModelConfig(**small), seed=0)
+    stats = build_model(ModelConfig(**small, region_statistics=True), seed=0)
+    # only the representation's layer (16 units) widens: it reads 3 regions' statistics too
+    assert count_parameters(stats) - count_parameters(plain) == 3 * STATS_PER_REGION * 16
+    image, regions = _case()
+    core_only = build_model(ModelConfig(**small, variant="core_only", region_statistics=True), seed=0).eval()
+    with torch.no_grad():  # the statistics, too, only see the regions the variant keeps
+        ref = core_only(image, regions)
+        changed = core_only(_perturb(image, regions != 1), regions)
+    torch.testing.assert_close(changed["logits"], ref["logits"])
+    with torch.no_grad():  # and they do carry the input's intensity: a brighter core changes the outputs
+        stats.eval()
+        brighter = stats(image + 0.5 * (regions == 1).unsqueeze(1), regions)["logits"]
+        assert not torch.allclose(brighter, stats(image, regions)["logits"])
+    _assert_per_sample_gradients(build_model(ModelConfig(**small, region_statistics=True), seed=0))
+    with pytest.raises(ConfigError, match="model.region_statistics"):
+        from_dict(ModelConfig, {"region_statistics": 1}, "model")

@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--task-branches", action=argparse.BooleanOptionalAction, default=False,
                        help="give each task its own attention, region weighting and representation over the "
                             "shared extractor (default: off)")
+    paper.add_argument("--region-statistics", action=argparse.BooleanOptionalAction, default=False,
+                       help="give the shared representation the input's intensity mean and sd per region "
+                            "(image, smoothed, fine residual) and the regions' volumes (default: off)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=_patience, default=4,
                        help="early-stopping patience in epochs, or 'none' to run every epoch and keep the best on "
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         external_site=args.external_site, workers=max(1, args.workers), n_boot=args.n_boot,
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
         model=ModelConfig(physical_size=args.physical_size, stem=args.stem, pooling=args.pooling,
-                          region_mixing=args.region_mixing, task_branches=args.task_branches),
+                          region_mixing=args.region_mixing, task_branches=args.task_branches,
+                          region_statistics=args.region_statistics),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "lr": args.lr, "progress": False,
                                          "device": args.device, "ema_decay": args.ema_decay,
                                          "augment_strength": args.augment_strength}, "training"),

@@ -17,7 +17,7 @@ REGION_MIXINGS: tuple[str, ...] = ("softmax_sum", "gated_concat")
 """How the region vectors become one: a softmax-weighted sum, or sigmoid-gated and concatenated."""
 
 LEGACY_DEFAULTS: dict[str, object] = {"stem": "strided", "pooling": "mean", "region_mixing": "softmax_sum",
-                                      "task_branches": False}
+                                      "task_branches": False, "region_statistics": False}
 """Keys added after model configs were stored (model files, benchmark folders), with the value the network
 had before them: a stored config without the key means this, whatever today's default is."""
 
@@ -70,6 +70,12 @@ class ModelConfig:
     fusion (as multi-task attention networks do). On the phantom the shared set collapses onto one
     direction that every head reads; separate sets loosen that only a little (docs/paper-benchmark.md)."""
 
+    region_statistics: bool = False
+    """Append the input's intensity statistics per region (mean and sd of the image, of a smoothed image
+    and of the fine residual; log volume fraction: 7 numbers a region, computed without parameters) to the
+    region-pooled features before the shared representation. On the phantom the trained convolutional
+    features encode these worse than a linear model of the statistics reads them (docs/paper-benchmark.md)."""
+
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError (one line naming the key) for an impossible setting."""
         if self.variant not in VARIANTS:
@@ -90,6 +96,9 @@ class ModelConfig:
         if not isinstance(self.task_branches, bool):
             raise ConfigError(f"task_branches must be true or false, got {self.task_branches!r}", "use true or false",
                               where=f"{where}.task_branches")
+        if not isinstance(self.region_statistics, bool):
+            raise ConfigError(f"region_statistics must be true or false, got {self.region_statistics!r}",
+                              "use true or false", where=f"{where}.region_statistics")
         if self.region_mixing not in REGION_MIXINGS:
             raise ConfigError(f"unknown region_mixing {self.region_mixing!r}", f"use one of {', '.join(REGION_MIXINGS)}",
                               where=f"{where}.region_mixing")

@@ -11,6 +11,7 @@ from .. import REGION_LABELS, TASKS
 from .attention import MultiScaleFusion, MultiScaleSpatialAttention, resample
 from .config import ModelConfig
 from .extractor import FeatureExtractor
+from .region_stats import STATS_PER_REGION, region_statistics
 from .regions_pool import RegionWeighting, region_fractions, region_masks
 from .variants import VariantSpec, variant_spec
 
@@ -60,7 +61,8 @@ class _Branch(nn.Module):
         self.attention = (MultiScaleSpatialAttention(channels, spec.attention_scales)
                           if spec.attention_scales else None)
         self.region_weighting = RegionWeighting(cfg.feature_dim, spec.regions, cfg.pooling, cfg.region_mixing)
-        extra = SIZE_FEATURES if cfg.physical_size else 0
+        extra = (SIZE_FEATURES if cfg.physical_size else 0) + (
+            STATS_PER_REGION * len(spec.regions) if cfg.region_statistics else 0)
         self.representation = nn.Sequential(nn.Linear(self.region_weighting.out_dim + extra, cfg.hidden_dim), nn.SiLU(),
                                             nn.Dropout(cfg.dropout))
 
@@ -98,9 +100,10 @@ class SpatialMultiTaskNet(nn.Module):
             with torch.no_grad():
                 self.heads["ki67"][-1].bias.fill_(math.log(KI67_PRIOR / (1 - KI67_PRIOR)))
 
-    def _tower(self, extractor: nn.Module, x: torch.Tensor, masks: torch.Tensor, size: torch.Tensor | None,
+    def _tower(self, extractor: nn.Module, x: torch.Tensor, masks: torch.Tensor, extra: torch.Tensor | None,
                explain: bool, tasks: tuple[str, ...]) -> dict:
-        """Features of one extractor through the branches of `tasks` (all the same branch when shared)."""
+        """Features of one extractor through the branches of `tasks` (all the same branch when shared);
+        `extra` (size features, region statistics) joins the pooled vector before the representation."""
         feats = extractor(x)
         fused_feats = self.fusion(feats)
         grid = tuple(fused_feats.shape[-3:])
@@ -111,8 +114,8 @@ class SpatialMultiTaskNet(nn.Module):
         for served, branch in groups:
             attention, maps = (None, {}) if branch.attention is None else branch.attention(feats, grid)
             vector, weights = branch.region_weighting(fused_feats, fractions, attention)
-            if size is not None:
-                vector = torch.cat([vector, size.to(vector.dtype)], dim=1)
+            if extra is not None:
+                vector = torch.cat([vector, extra.to(vector.dtype)], dim=1)
             reps.update(dict.fromkeys(served, branch.representation(vector)))
             if explain:
                 full = tuple(x.shape[-3:])
@@ -129,15 +132,20 @@ class SpatialMultiTaskNet(nn.Module):
                     explain: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
         """Per-task pre-activation outputs (logit per biomarker, Ki-67 logit) and the explanation."""
         _check_inputs(image, regions)
-        size = size_features(regions, voxel_mm, self.spec.regions) if self.cfg.physical_size else None
         masks = region_masks(regions, self.spec.regions)
+        extras = []  # appended to the region-pooled vector before the representation
+        if self.cfg.physical_size:
+            extras.append(size_features(regions, voxel_mm, self.spec.regions))
+        if self.cfg.region_statistics:
+            extras.append(region_statistics(image, masks))
+        extra = torch.cat(extras, dim=1) if extras else None
         x = image * masks.sum(1, keepdim=True) if self.cfg.mask_input else image
         if self.cfg.region_channels:
             x = torch.cat([x, masks], dim=1)
         if len(self.extractors) == 1:
-            towers = [self._tower(self.extractors[0], x, masks, size, explain, self.tasks)]
+            towers = [self._tower(self.extractors[0], x, masks, extra, explain, self.tasks)]
         else:
-            towers = [self._tower(e, x, masks, size, explain, (t,)) for e, t in zip(self.extractors, self.tasks)]
+            towers = [self._tower(e, x, masks, extra, explain, (t,)) for e, t in zip(self.extractors, self.tasks)]
         raw = {}
         for i, task in enumerate(self.tasks):
             rep = towers[i if len(towers) > 1 else 0]["representation"][task]
