@@ -60,6 +60,36 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     assert int(refit[0]["samples_seen"]) > int(selection[0]["samples_seen"])  # on train + validation
 
 
+def test_statistics_row_reads_the_networks_own_region_statistics(phantom_cohort: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from fedsubtype.benchmarks.paper import statistics_features
+    from fedsubtype.cache import PreprocessCache
+    from fedsubtype.manifest import read_manifest
+    from fedsubtype.model.region_stats import STATS_PER_REGION, region_statistics
+    from fedsubtype.model.regions_pool import region_masks
+    from fedsubtype.preprocess import PreprocessConfig
+
+    out = tmp_path / "stats"
+    assert main(["benchmark", "paper", "--manifest", str(phantom_cohort), "--out", str(out), "--cache",
+                 str(tmp_path / "cache"), "--seeds", "0", "--rows", "statistics_lr", "--size", "16", "--n-boot", "20"]) == 0
+    table = json.loads((out / "table.json").read_text(encoding="utf-8"))
+    row = table["rows"]["statistics_lr"]
+    assert row["name"] == "region intensity statistics (LR)" and 0.0 <= row["avg"][0] <= 1.0
+    test = list(csv.DictReader(open(out / "runs" / "statistics_lr" / "seed0" / "test.csv", encoding="utf-8")))
+    assert test and all(0.0 <= float(r["er_prob"]) <= 1.0 for r in test)
+    # the features are exactly what a network with model.region_statistics computes from its input
+    cases = read_manifest(phantom_cohort)[:3]
+    cache = PreprocessCache(tmp_path / "cache", PreprocessConfig(size=16))
+    feats = statistics_features(cases, cache)
+    pc = cache.get(cases[0])
+    masks = region_masks(torch.from_numpy(pc.regions.astype(np.int64))[None], ("core", "rim", "peritumoral"))
+    direct = region_statistics(torch.from_numpy(pc.image)[None, None], masks)[0].numpy()
+    assert feats[cases[0].case_id].shape == (3 * STATS_PER_REGION,)
+    np.testing.assert_allclose(feats[cases[0].case_id], direct, rtol=1e-6)
+
+
 def test_unknown_row_is_a_one_line_error(phantom_cohort: Path, tmp_path: Path, capsys) -> None:
     code = main(["benchmark", "paper", "--manifest", str(phantom_cohort), "--out", str(tmp_path / "p"),
                  "--rows", "full,transformer"])

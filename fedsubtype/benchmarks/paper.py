@@ -31,8 +31,13 @@ from ..training import Predictions, TrainConfig
 
 NETWORK_ROWS: tuple[str, ...] = tuple(VARIANTS)
 RADIOMICS_ROWS: dict[str, str] = {"radiomics_lr": "lr", "radiomics_svm": "svm"}
+STATISTICS_ROWS: dict[str, str] = {"statistics_lr": "lr"}
+"""Opt-in reference rows (not in the paper): the radiomics LR pipeline on the 7 intensity statistics per
+region that `model.region_statistics` computes from each network input — what a linear reader gets from them."""
 ROW_NAMES: dict[str, str] = {**VARIANTS, "radiomics_lr": "radiomics (LR)", "radiomics_svm": "radiomics (SVM)",
+                             "statistics_lr": "region intensity statistics (LR)",
                              "oracle": "oracle on phantom latents (upper bound)"}
+KNOWN_ROWS: tuple[str, ...] = (*NETWORK_ROWS, *RADIOMICS_ROWS, *STATISTICS_ROWS)
 PAPER_TABLE: dict[str, tuple[float, float, float, float]] = {
     "full": (0.893, 0.824, 0.857, 0.858),
     "no_multiscale_attention": (0.861, 0.789, 0.824, 0.825),
@@ -68,10 +73,9 @@ class PaperBenchmark:
     epochs and keep the last weights (scikit-learn's refit; the radiomics rows fit on train + validation too)."""
 
     def validate(self) -> None:
-        unknown = [r for r in self.rows if r not in NETWORK_ROWS and r not in RADIOMICS_ROWS]
+        unknown = [r for r in self.rows if r not in KNOWN_ROWS]
         if unknown:
-            raise UserError(f"unknown row {unknown[0]!r}",
-                            f"choose among {', '.join([*NETWORK_ROWS, *RADIOMICS_ROWS])}", where="--rows")
+            raise UserError(f"unknown row {unknown[0]!r}", f"choose among {', '.join(KNOWN_ROWS)}", where="--rows")
         if not self.seeds:
             raise UserError("no seeds given", "pass e.g. --seeds 0,1,2", where="--seeds")
         if self.external_folds < 2:
@@ -121,7 +125,7 @@ def _load_predictions(path: Path) -> Predictions:
 
 
 def _row_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dict[str, list[Case]],
-                     external: list[Case], cache, features: dict[str, np.ndarray] | None,
+                     external: list[Case], cache, features: dict[str, dict[str, np.ndarray]],
                      log: Callable[[str], None]) -> tuple[Predictions, Predictions]:
     """Predictions of one (row, seed) on the internal test split and the external site (cached on disk)."""
     run_dir = bench.out / "runs" / row / f"seed{seed}"
@@ -130,7 +134,9 @@ def _row_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dict[st
         return _load_predictions(run_dir / "test.csv"), _load_predictions(run_dir / "external.csv")
     run_dir.mkdir(parents=True, exist_ok=True)
     if row in RADIOMICS_ROWS:
-        test, ext = _radiomics_predictions(RADIOMICS_ROWS[row], seed, splits, external, features)
+        test, ext = _radiomics_predictions(RADIOMICS_ROWS[row], seed, splits, external, features["radiomics"])
+    elif row in STATISTICS_ROWS:
+        test, ext = _radiomics_predictions(STATISTICS_ROWS[row], seed, splits, external, features["statistics"])
     else:
         test, ext = _network_predictions(row, seed, bench, splits, external, cache, run_dir, log)
     _save_predictions(test, run_dir / "test.csv")
@@ -170,15 +176,32 @@ def _network_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dic
     return test, ext
 
 
+def statistics_features(cases: Sequence[Case], cache) -> dict[str, np.ndarray]:
+    """Per case, the region statistics `model.region_statistics` gives the network (core, rim, peritumoral;
+    7 each), computed from the same cached input the networks read."""
+    import torch
+
+    from ..model.region_stats import region_statistics
+    from ..model.regions_pool import region_masks
+    from ..model.variants import ALL_REGIONS
+
+    out = {}
+    with torch.no_grad():
+        for case in cases:
+            pc = cache.get(case)
+            masks = region_masks(torch.from_numpy(pc.regions.astype(np.int64))[None], ALL_REGIONS)
+            out[case.case_id] = region_statistics(torch.from_numpy(pc.image)[None, None], masks)[0].double().numpy()
+    return out
+
+
 def _labels_of(cases: Sequence[Case]) -> np.ndarray:
     return np.stack([c.label_vector() for c in cases]).astype(float)
 
 
 def _radiomics_predictions(kind: str, seed: int, splits: dict[str, list[Case]], external: list[Case],
-                           features: dict[str, np.ndarray] | None) -> tuple[Predictions, Predictions]:
+                           features: dict[str, np.ndarray]) -> tuple[Predictions, Predictions]:
     from ..radiomics import RadiomicsBaseline
 
-    assert features is not None
     train = splits["train"] + splits["val"]  # cross-validation inside the pipeline replaces the val split
     model = RadiomicsBaseline(kind, seed=seed).fit(np.stack([features[c.case_id] for c in train]), _labels_of(train))
 
@@ -286,12 +309,14 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
 
     cache = PreprocessCache(bench.cache_dir, bench.preprocess)
     cache.warm(cases, workers=bench.workers, progress=True)
-    features = None
+    features: dict[str, dict[str, np.ndarray]] = {}
     if any(r in RADIOMICS_ROWS for r in bench.rows):
         from ..radiomics import feature_matrix
 
         matrix, _ = feature_matrix(cases, cache_dir=bench.cache_dir, workers=bench.workers)
-        features = {c.case_id: matrix[i] for i, c in enumerate(cases)}
+        features["radiomics"] = {c.case_id: matrix[i] for i, c in enumerate(cases)}
+    if any(r in STATISTICS_ROWS for r in bench.rows):
+        features["statistics"] = statistics_features(cases, cache)
 
     oracle_dir = bench.manifest.parent if (bench.manifest.parent / "latents.csv").is_file() else None
     per_seed: dict[str, list[dict[str, Any]]] = {r: [] for r in bench.rows}

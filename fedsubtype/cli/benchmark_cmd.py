@@ -47,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--out", type=Path, default=Path("results/paper"), help="output folder (default: results/paper)")
     paper.add_argument("--cache", type=Path, default=Path("cache"), help="preprocessing/feature cache (default: cache)")
     paper.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
-    paper.add_argument("--rows", default=None, help="comma-separated subset of rows (default: all nine)")
+    paper.add_argument("--rows", default=None,
+                       help="comma-separated rows (default: the nine of the paper; statistics_lr adds a linear model "
+                            "on the networks' region intensity statistics)")
     paper.add_argument("--external-site", default=None, help="site held out as external (default: the smallest)")
     paper.add_argument("--size", type=int, default=32, help="model input edge in voxels (default: 32)")
     paper.add_argument("--min-fov-mm", type=float, default=0.0,
