@@ -93,6 +93,7 @@ def refit_heads(results: str | Path, row: str = "full") -> pd.DataFrame:
     from ..preprocess import LEGACY_DEFAULTS as PREP_LEGACY
     from ..preprocess import PreprocessConfig
     from ..splits import stratified_split
+    from .paper import split_external
 
     results = Path(results)
     cfg = _settings(results)
@@ -102,10 +103,7 @@ def refit_heads(results: str | Path, row: str = "full") -> pd.DataFrame:
                         "first", where=str(results))
     model_cfg = from_dict(ModelConfig, {**LEGACY_DEFAULTS, **cfg["model"], "variant": row}, "model")
     cache = PreprocessCache(Path(cfg["cache_dir"]), from_dict(PreprocessConfig, {**PREP_LEGACY, **cfg["preprocess"]}))
-    cases = read_manifest(cfg["manifest"])
-    sites = sorted({c.site for c in cases})
-    ext_site = cfg.get("external_site") or min(sites, key=lambda s: (sum(c.site == s for c in cases), s))
-    internal = [c for c in cases if c.site != ext_site]
+    _, internal, _ = split_external(read_manifest(cfg["manifest"]), cfg.get("external_site"), where=cfg["manifest"])
     lines = []
     for path in runs:
         seed = int(path.parent.name.removeprefix("seed"))

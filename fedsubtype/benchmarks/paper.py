@@ -276,6 +276,21 @@ def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
                         "pass a new --out, or delete the folder to start over", where=str(path.parent))
 
 
+def split_external(cases: Sequence[Case], external_site: str | None, where: str = "manifest"
+                   ) -> tuple[str, list[Case], list[Case]]:
+    """The held-out site (the one given, else the smallest; ties by name), the internal and the external cases."""
+    sites = sorted({c.site for c in cases})
+    if len(sites) < 2:
+        raise UserError("the paper protocol needs at least two sites (one is held out as external)",
+                        "use a manifest with several sites", where=where)
+    counts = {s: sum(c.site == s for c in cases) for s in sites}
+    ext_site = external_site or min(sites, key=lambda s: (counts[s], s))
+    if ext_site not in counts:
+        raise UserError(f"external site {ext_site!r} is not in the manifest", f"choose among {', '.join(sites)}",
+                        where="--external-site")
+    return ext_site, [c for c in cases if c.site != ext_site], [c for c in cases if c.site == ext_site]
+
+
 def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) every (row, seed) and write the table, DeLong tests and ROC curves under `bench.out`."""
     from ..cache import PreprocessCache
@@ -292,18 +307,9 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
         if p.severity == "error":
             log(f"skipping {p.line()}")
     cases = list(report.cases)
-    sites = sorted({c.site for c in cases})
-    if len(sites) < 2:
-        raise UserError("the paper protocol needs at least two sites (one is held out as external)",
-                        "use a manifest with several sites", where=str(bench.manifest))
-    counts = {s: sum(c.site == s for c in cases) for s in sites}
-    ext_site = bench.external_site or min(sites, key=lambda s: (counts[s], s))
-    if ext_site not in counts:
-        raise UserError(f"external site {ext_site!r} is not in the manifest", f"choose among {', '.join(sites)}",
-                        where="--external-site")
-    internal = [c for c in cases if c.site != ext_site]
-    external = [c for c in cases if c.site == ext_site]
-    log(f"internal: {len(internal)} cases from {len(sites) - 1} sites; external: {len(external)} cases ({ext_site})")
+    ext_site, internal, external = split_external(cases, bench.external_site, where=str(bench.manifest))
+    log(f"internal: {len(internal)} cases from {len({c.site for c in internal})} sites; "
+        f"external: {len(external)} cases ({ext_site})")
     bench.out.mkdir(parents=True, exist_ok=True)
     dump_yaml(settings, bench.out / "config.yaml")
 
