@@ -56,7 +56,7 @@ def frozen_features(model, cases, cache, batch_size: int = 32) -> np.ndarray:
                 items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
                 image = torch.stack([x["image"] for x in items])
                 regions = torch.stack([x["regions"] for x in items])
-                model(image, regions)
+                model(image, regions, torch.stack([x["voxel_mm"] for x in items]))  # size features need it
                 if model.cfg.region_statistics:
                     stats.append(region_statistics(image, region_masks(regions, model.spec.regions)))
     finally:
