@@ -590,6 +590,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     plain = model.to(device)
+    _fit_statistics_heads(plain, train_data, privacy, cfg.seed)
     run, train_view = _build_run(plain, train_data, cfg, proximal_mu, global_params, privacy, device)
     steps_per_epoch = max(1, len(run.loader))
     max_epochs = math.ceil(run.total_steps / steps_per_epoch) if cfg.max_steps is not None else cfg.epochs
@@ -638,6 +639,20 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
     final.eval()
     return TrainResult(model=final, history=history, best_epoch=selector.best_epoch, best_val=selector.best_row,
                        n_train=len(train_data), steps=run.steps, samples_seen=run.samples)  # type: ignore[arg-type]
+
+
+def _fit_statistics_heads(model: nn.Module, train_data: Dataset, privacy: PrivacyHook | None, seed: int) -> None:
+    """Start the statistics read-outs from per-task linear models of the training cases, once (before any
+    averaged copy is taken)."""
+    from .model.region_stats import fit_statistics_heads, unfitted_statistics_heads
+
+    if not unfitted_statistics_heads(model):
+        return
+    if privacy is not None:
+        raise ConfigError("model.statistics_heads starts from linear models fitted on the site's cases, which "
+                          "differential privacy does not cover", "turn model.statistics_heads off for private "
+                          "training", where="model.statistics_heads")
+    fit_statistics_heads(model, train_data, seed)
 
 
 def _save_state(state: dict[str, torch.Tensor] | None, path: Path, epoch: int) -> None:

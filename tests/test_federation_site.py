@@ -64,6 +64,28 @@ def test_site_lifecycle(algo):
     assert all(np.array_equal(a, b) for a, b in zip(w1, w1b))
 
 
+def test_statistics_heads_are_fitted_by_the_site_in_the_first_round_only(algo):
+    import torch
+
+    from fedsubtype.federated import get_weights
+    from fedsubtype.model import ModelConfig, build_model
+
+    wide = {**TINY_MODEL, "statistics_heads": True}
+    cfg = {**ROUND, "model-config": json.dumps(wide)}
+    torch.manual_seed(0)
+    w0 = get_weights(build_model(ModelConfig(**wide)))
+    names = list(build_model(ModelConfig(**wide)).state_dict())
+    at = {k: i for i, k in enumerate(names)}
+    w1, _, _ = algo.train(w0, cfg)
+    assert w0[at["statistics_heads.fitted"]] == 0 and w1[at["statistics_heads.fitted"]] == 1
+    assert np.abs(w1[at["statistics_heads.linear.er.weight"]]).sum() > 0  # started from the site's own fit
+    # a later round starts from the (averaged) global weights: nothing is refitted on the site's cases
+    global_w = [w.copy() for w in w1]
+    global_w[at["statistics_heads.center"]] += 0.5
+    w2, _, _ = algo.train(global_w, {**cfg, "server-round": 2})
+    np.testing.assert_array_equal(w2[at["statistics_heads.center"]], global_w[at["statistics_heads.center"]])
+
+
 def test_local_norm_keeps_the_sites_normalisation(algo):
     from fedsubtype.federated import norm_parameter_names
 

@@ -1,4 +1,5 @@
-"""Refitting a trained network's task heads as per-task logistic regressions on its frozen features."""
+"""Refitting a trained network's task heads as per-task logistic regressions on its frozen features, and
+splitting a wide-and-deep network's logits into its statistics read-out and its deep path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from fedsubtype.cli import main
 
@@ -17,7 +19,7 @@ def trained_folder(phantom_cohort: Path, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("refit") / "paper"
     assert main(["benchmark", "paper", "--manifest", str(phantom_cohort), "--out", str(out), "--cache",
                  str(out.parent / "cache"), "--seeds", "0", "--rows", "full", "--size", "16", "--epochs", "1",
-                 "--n-boot", "10", "--region-statistics"]) == 0
+                 "--n-boot", "10", "--region-statistics", "--statistics-heads"]) == 0
     return out
 
 
@@ -38,7 +40,6 @@ def test_refit_reports_the_trained_auc_and_a_refitted_one(trained_folder: Path, 
 
 def test_frozen_features_are_the_representation_and_the_region_statistics(trained_folder: Path) -> None:
     import torch
-    import yaml
 
     from fedsubtype.benchmarks.head_refit import frozen_features
     from fedsubtype.cache import PreprocessCache
@@ -66,3 +67,32 @@ def test_a_folder_without_trained_networks_is_a_one_line_error(tmp_path: Path, c
     assert "no finished runs/full" in err and len(err.splitlines()) == 1
     assert refit_main([str(tmp_path / "nowhere")]) == 1
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_read_out_share_splits_each_logit_into_read_out_and_deep_path(trained_folder: Path, capsys) -> None:
+    from fedsubtype.benchmarks.head_refit import trained_runs
+    from fedsubtype.benchmarks.read_out_share import logit_parts
+    from fedsubtype.benchmarks.read_out_share import main as share_main
+
+    run = next(trained_runs(trained_folder))
+    parts = logit_parts(run)
+    trained = pd.read_csv(run.folder / "test.csv")
+    assert list(trained.case_id) == [c.case_id for c in run.splits["test"]]  # the benchmark's own test split
+    for j, task in enumerate(("er", "pr", "her2")):
+        p = parts[task]
+        np.testing.assert_allclose(p["read_out"] + p["deep"], p["total"], atol=1e-6)
+        # the whole logit is what the benchmark scored for that case
+        np.testing.assert_allclose(1 / (1 + np.exp(-p["total"])), trained[f"{task}_prob"], atol=1e-5)
+    assert share_main([str(trained_folder)]) == 0
+    table = pd.read_csv(trained_folder / "read_out_share_full.csv")
+    assert list(table.task) == ["er", "pr", "her2"] and (table.sd_read_out >= 0).all()
+    capsys.readouterr()
+    plain = trained_folder.parent / "plain"
+    manifest = yaml.safe_load((trained_folder / "config.yaml").read_text(encoding="utf-8"))["manifest"]
+    assert main(["benchmark", "paper", "--manifest", str(manifest), "--out", str(plain), "--cache",
+                 str(trained_folder.parent / "cache"), "--seeds", "0", "--rows", "full", "--size", "16",
+                 "--epochs", "1", "--n-boot", "10"]) == 0
+    capsys.readouterr()
+    assert share_main([str(plain)]) == 1  # a network without read-outs: one line naming the fix
+    err = capsys.readouterr().err.strip()
+    assert "--statistics-heads" in err and len(err.splitlines()) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -412,3 +413,58 @@ def test_region_statistics_widen_only_the_representation_and_respect_the_variant
     _assert_per_sample_gradients(build_model(ModelConfig(**small, region_statistics=True), seed=0))
     with pytest.raises(ConfigError, match="model.region_statistics"):
         from_dict(ModelConfig, {"region_statistics": 1}, "model")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_statistics_heads_start_from_per_task_linear_models_of_the_training_cases() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from fedsubtype.model.region_stats import STATS_PER_REGION, fit_statistics_heads, region_statistics
+    from fedsubtype.model.regions_pool import region_masks
+
+    small = dict(width=8, feature_dim=16, hidden_dim=16)
+    plain = build_model(ModelConfig(**small), seed=0).eval()
+    wide = build_model(ModelConfig(**small, statistics_heads=True), seed=0).eval()
+    # one linear map (3 regions x 7 statistics + bias) per task, nothing else trainable added
+    assert count_parameters(wide) - count_parameters(plain) == 4 * (3 * STATS_PER_REGION + 1)
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    image = torch.randn(n, 1, 16, 16, 16, generator=g)
+    regions = torch.zeros(n, 16, 16, 16, dtype=torch.int64)
+    regions[:, 3:13, 3:13, 3:13] = 3
+    regions[:, 5:11, 5:11, 5:11] = 2
+    regions[:, 6:10, 6:10, 6:10] = 1
+    her2 = (torch.arange(n) % 2).float()
+    image[:, 0][regions == 3] += (0.8 * her2[:, None]).expand(n, 16 ** 3)[(regions == 3).flatten(1)]
+    heads = wide.statistics_heads
+    with torch.no_grad():  # not yet fitted: exactly the network without them
+        torch.testing.assert_close(wide(image, regions)["logits"], plain(image, regions)["logits"])
+    labels = torch.stack([1 - her2, torch.full((n,), float("nan")), her2, torch.full((n,), 20.0)], 1)
+    present = ~labels.isnan()
+    data = [{"image": image[i], "regions": regions[i], "labels": labels[i].nan_to_num(0.0), "present": present[i]}
+            for i in range(n)]
+    assert fit_statistics_heads(wide, data) == 1
+    stats = region_statistics(image, region_masks(regions, ("core", "rim", "peritumoral"))).double()
+    torch.testing.assert_close(heads.center, stats.mean(0).float())
+    z = ((stats - stats.mean(0)) / stats.std(0, unbiased=False).clamp_min(1e-3)).numpy()
+    # HER2 starts at the logistic regression of the training cases (its C chosen by cross-validation) ...
+    c = None
+    for c in np.logspace(-3, 1, 9):
+        ref = LogisticRegression(C=c, max_iter=2000).fit(z, her2.numpy())
+        if np.allclose(ref.coef_.ravel(), heads.linear["her2"].weight.detach().numpy().ravel(), atol=1e-3):
+            break
+    else:
+        raise AssertionError("HER2's read-out is not a logistic regression of the training cases")
+    with torch.no_grad():  # ... and the network's HER2 logit is that fit plus the deep head's own output
+        raw, _ = wide.raw_outputs(image, regions)
+        plain_raw, _ = plain.raw_outputs(image, regions)
+    expected = torch.as_tensor(ref.decision_function(z)).float() + plain_raw["her2"] - float(plain.heads["her2"][-1].bias.detach())
+    torch.testing.assert_close(raw["her2"], expected, rtol=1e-3, atol=1e-3)
+    assert float(heads.linear["pr"].weight.abs().sum()) == 0.0  # no PR label anywhere: left at zero
+    assert fit_statistics_heads(wide, data) == 0  # fitted read-outs are kept (loaded models, later rounds)
+    assert {"statistics_heads.center", "statistics_heads.scale", "statistics_heads.fitted"} <= set(wide.state_dict())
+    core_only = build_model(ModelConfig(**small, variant="core_only", statistics_heads=True), seed=0)
+    assert core_only.statistics_heads.linear["er"].in_features == STATS_PER_REGION  # only the regions it sees
+    _assert_per_sample_gradients(build_model(ModelConfig(**small, statistics_heads=True), seed=0))
+    with pytest.raises(ConfigError, match="model.statistics_heads"):
+        from_dict(ModelConfig, {"statistics_heads": "yes"}, "model")

@@ -45,11 +45,11 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     sized = tmp_path / "sized"
     assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size", "--patience", "none",
                  "--epochs", "2", "--ema-decay", "0.9", "--augment-strength", "0.5", "--refit", "--pooling", "mean_std", "--task-branches",
-                 "--region-statistics"]) == 0
+                 "--region-statistics", "--statistics-heads"]) == 0
     stored = yaml.safe_load((sized / "config.yaml").read_text(encoding="utf-8"))
     assert stored["model"]["physical_size"] is True and stored["training"]["patience"] is None
     assert stored["model"]["pooling"] == "mean_std" and stored["model"]["task_branches"] is True
-    assert stored["model"]["region_statistics"] is True
+    assert stored["model"]["region_statistics"] is True and stored["model"]["statistics_heads"] is True
     assert stored["training"]["ema_decay"] == 0.9 and stored["training"]["augment_strength"] == 0.5 and stored["refit"] is True
     run = sized / "runs" / "full" / "seed0"
     assert (run / "done.json").is_file()

@@ -351,3 +351,29 @@ def test_physical_size_reaches_the_heads_through_training() -> None:
         scores[flag] = roc_auc_score(preds.labels[:, 0], preds.probs[:, 0])
     assert scores[True] >= 0.9
     assert scores[True] > scores[False] + 0.2
+
+
+def test_statistics_heads_scaler_is_fitted_on_the_training_cases_once(data) -> None:
+    from fedsubtype.model.region_stats import region_statistics
+    from fedsubtype.model.regions_pool import region_masks
+
+    train, val = data
+    model = build_model(ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16, statistics_heads=True), seed=0)
+    res = fit(model, train, val, _cfg(epochs=2, ema_decay=0.9))
+    heads = res.model.statistics_heads
+    image = torch.stack([it["image"] for it in train.items])
+    regions = torch.stack([it["regions"] for it in train.items])
+    stats = region_statistics(image, region_masks(regions, ("core", "rim", "peritumoral")))
+    assert float(heads.fitted) == 1.0  # the selected (averaged) weights carry the fitted scaler
+    torch.testing.assert_close(heads.center, stats.mean(0))
+    assert float(heads.linear["her2"].weight.detach().abs().sum()) > 0  # the read-outs started from a fit
+    twin = build_model(ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16, statistics_heads=True), seed=0)
+    twin_state = fit(twin, train, val, _cfg(epochs=2, ema_decay=0.9)).model.state_dict()
+    for name, value in res.model.state_dict().items():  # same config and seed, same weights
+        torch.testing.assert_close(twin_state[name], value, rtol=0, atol=0)
+    # a later round starts from those weights: the scaler travels with them and is not refitted on other cases
+    again = fit(res.model, val, None, _cfg(epochs=1)).model.statistics_heads
+    torch.testing.assert_close(again.center, stats.mean(0))
+    with pytest.raises(ConfigError, match="model.statistics_heads.*differential privacy"):
+        fresh = build_model(ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16, statistics_heads=True))
+        fit(fresh, train, None, _cfg(epochs=1), privacy=CountingHook())

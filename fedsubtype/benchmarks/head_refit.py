@@ -15,13 +15,25 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from .. import CLASSIFICATION_TASKS
 from ..errors import UserError
+
+
+@dataclass
+class TrainedRun:
+    """One seed of a trained network row: the network with its kept weights, that seed's splits, the cache."""
+
+    seed: int
+    model: Any
+    splits: dict[str, list]
+    cache: Any
+    folder: Path
 
 
 def _settings(results: Path) -> dict[str, Any]:
@@ -80,10 +92,10 @@ def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, s
     return grid.fit(x_train, y_train).predict_proba(x_test)[:, 1]
 
 
-def refit_heads(results: str | Path, row: str = "full") -> pd.DataFrame:
-    """One line per seed: internal-test AUC per task of the row as trained and with refitted linear heads."""
+def trained_runs(results: str | Path, row: str = "full") -> Iterator[TrainedRun]:
+    """Each finished seed of a network row in a `fedsubtype benchmark paper` folder: its kept weights in a
+    rebuilt network, and the benchmark's splits of that seed rebuilt from the folder's config."""
     import torch
-    from sklearn.metrics import roc_auc_score
 
     from ..cache import PreprocessCache
     from ..configio import from_dict
@@ -97,23 +109,32 @@ def refit_heads(results: str | Path, row: str = "full") -> pd.DataFrame:
 
     results = Path(results)
     cfg = _settings(results)
-    runs = [p.parent / "best_weights.pt" for p in sorted((results / "runs" / row).glob("seed*/done.json"))]
+    runs = [p.parent / "best_weights.pt" for p in (results / "runs" / row).glob("seed*/done.json")]
     if not runs or not all(p.is_file() for p in runs):
         raise UserError(f"no finished runs/{row}/seed<k> with best_weights.pt", "run the benchmark's network rows "
                         "first", where=str(results))
+    runs.sort(key=lambda p: int(p.parent.name.removeprefix("seed")))  # seed 9 before seed 10
     model_cfg = from_dict(ModelConfig, {**LEGACY_DEFAULTS, **cfg["model"], "variant": row}, "model")
     cache = PreprocessCache(Path(cfg["cache_dir"]), from_dict(PreprocessConfig, {**PREP_LEGACY, **cfg["preprocess"]}))
     _, internal, _ = split_external(read_manifest(cfg["manifest"]), cfg.get("external_site"), where=cfg["manifest"])
-    lines = []
     for path in runs:
         seed = int(path.parent.name.removeprefix("seed"))
         splits = stratified_split(internal, (0.7, 0.1, 0.2), seed=seed)
         model = build_model(model_cfg)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-        fit_cases, test_cases = splits["train"] + splits["val"], splits["test"]
-        x_fit, x_test = frozen_features(model, fit_cases, cache), frozen_features(model, test_cases, cache)
-        trained = pd.read_csv(path.parent / "test.csv").set_index("case_id")
-        line: dict[str, Any] = {"seed": seed}
+        yield TrainedRun(seed, model.eval(), splits, cache, path.parent)
+
+
+def refit_heads(results: str | Path, row: str = "full") -> pd.DataFrame:
+    """One line per seed: internal-test AUC per task of the row as trained and with refitted linear heads."""
+    from sklearn.metrics import roc_auc_score
+
+    lines = []
+    for run in trained_runs(results, row):
+        fit_cases, test_cases = run.splits["train"] + run.splits["val"], run.splits["test"]
+        x_fit, x_test = frozen_features(run.model, fit_cases, run.cache), frozen_features(run.model, test_cases, run.cache)
+        trained = pd.read_csv(run.folder / "test.csv").set_index("case_id")
+        line: dict[str, Any] = {"seed": run.seed}
         for j, task in enumerate(CLASSIFICATION_TASKS):
             y_fit = np.array([c.label_vector()[j] for c in fit_cases], dtype=float)
             y_test = np.array([c.label_vector()[j] for c in test_cases], dtype=float)
@@ -121,7 +142,7 @@ def refit_heads(results: str | Path, row: str = "full") -> pd.DataFrame:
             if len(np.unique(y_fit[ok_fit])) < 2 or len(np.unique(y_test[ok_test])) < 2:
                 line[f"{task}_trained"] = line[f"{task}_refit"] = float("nan")  # no AUC without both classes
                 continue
-            prob = _fit_predict(x_fit[ok_fit], y_fit[ok_fit], x_test[ok_test], seed)
+            prob = _fit_predict(x_fit[ok_fit], y_fit[ok_fit], x_test[ok_test], run.seed)
             ids = [c.case_id for c, ok in zip(test_cases, ok_test) if ok]
             line[f"{task}_trained"] = roc_auc_score(y_test[ok_test], trained.loc[ids, f"{task}_prob"])
             line[f"{task}_refit"] = roc_auc_score(y_test[ok_test], prob)

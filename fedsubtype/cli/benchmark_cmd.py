@@ -73,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     paper.add_argument("--region-statistics", action=argparse.BooleanOptionalAction, default=False,
                        help="give the shared representation the input's intensity mean and sd per region "
                             "(image, smoothed, fine residual) and the regions' volumes (default: off)")
+    paper.add_argument("--statistics-heads", action=argparse.BooleanOptionalAction, default=False,
+                       help="give each task its own linear read-out of those region statistics, added to its "
+                            "head's output and started from a per-task linear model of the training cases "
+                            "(a wide-and-deep model) (default: off)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=_patience, default=4,
                        help="early-stopping patience in epochs, or 'none' to run every epoch and keep the best on "
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
         model=ModelConfig(physical_size=args.physical_size, stem=args.stem, pooling=args.pooling,
                           region_mixing=args.region_mixing, task_branches=args.task_branches,
-                          region_statistics=args.region_statistics),
+                          region_statistics=args.region_statistics, statistics_heads=args.statistics_heads),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "lr": args.lr, "progress": False,
                                          "device": args.device, "ema_decay": args.ema_decay,
                                          "augment_strength": args.augment_strength}, "training"),

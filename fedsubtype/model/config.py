@@ -17,7 +17,8 @@ REGION_MIXINGS: tuple[str, ...] = ("softmax_sum", "gated_concat")
 """How the region vectors become one: a softmax-weighted sum, or sigmoid-gated and concatenated."""
 
 LEGACY_DEFAULTS: dict[str, object] = {"stem": "strided", "pooling": "mean", "region_mixing": "softmax_sum",
-                                      "task_branches": False, "region_statistics": False}
+                                      "task_branches": False, "region_statistics": False,
+                                      "statistics_heads": False}
 """Keys added after model configs were stored (model files, benchmark folders), with the value the network
 had before them: a stored config without the key means this, whatever today's default is."""
 
@@ -76,6 +77,12 @@ class ModelConfig:
     region-pooled features before the shared representation. On the phantom the trained convolutional
     features encode these worse than a linear model of the statistics reads them (docs/paper-benchmark.md)."""
 
+    statistics_heads: bool = False
+    """Give each task its own linear read-out of the region statistics (the 7 numbers a region above), added to
+    its head's output: a wide-and-deep model. The read-outs start from per-task linear models fitted on the
+    training cases (`region_stats.StatisticsHeads`), so the tasks do not all begin on the labels' common
+    direction; works with or without `region_statistics`; not with differential privacy."""
+
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError (one line naming the key) for an impossible setting."""
         if self.variant not in VARIANTS:
@@ -96,6 +103,9 @@ class ModelConfig:
         if not isinstance(self.task_branches, bool):
             raise ConfigError(f"task_branches must be true or false, got {self.task_branches!r}", "use true or false",
                               where=f"{where}.task_branches")
+        if not isinstance(self.statistics_heads, bool):
+            raise ConfigError(f"statistics_heads must be true or false, got {self.statistics_heads!r}",
+                              "use true or false", where=f"{where}.statistics_heads")
         if not isinstance(self.region_statistics, bool):
             raise ConfigError(f"region_statistics must be true or false, got {self.region_statistics!r}",
                               "use true or false", where=f"{where}.region_statistics")

@@ -11,7 +11,7 @@ from .. import REGION_LABELS, TASKS
 from .attention import MultiScaleFusion, MultiScaleSpatialAttention, resample
 from .config import ModelConfig
 from .extractor import FeatureExtractor
-from .region_stats import STATS_PER_REGION, region_statistics
+from .region_stats import STATS_PER_REGION, StatisticsHeads, region_statistics
 from .regions_pool import RegionWeighting, region_fractions, region_masks
 from .variants import VariantSpec, variant_spec
 
@@ -69,7 +69,8 @@ class _Branch(nn.Module):
 
 class SpatialMultiTaskNet(nn.Module):
     """Extractor(s) -> multi-scale fusion -> multi-scale spatial attention -> region weighting ->
-    representation -> one head per task.
+    representation -> one head per task (plus, with `statistics_heads`, a linear map of the region
+    statistics per task added to its output).
 
     By default attention, region weighting and the representation are one set shared by every task;
     with `task_branches` each task has its own set over the shared extractor and fusion (as in
@@ -96,6 +97,8 @@ class SpatialMultiTaskNet(nn.Module):
         half = max(cfg.hidden_dim // 2, 1)
         self.heads = nn.ModuleDict({t: nn.Sequential(nn.Linear(cfg.hidden_dim, half), nn.SiLU(), nn.Linear(half, 1))
                                     for t in self.tasks})
+        if cfg.statistics_heads:  # wide path: one linear map of the region statistics per task, starting at 0
+            self.statistics_heads = StatisticsHeads(STATS_PER_REGION * len(spec.regions), self.tasks)
         if "ki67" in self.heads:
             with torch.no_grad():
                 self.heads["ki67"][-1].bias.fill_(math.log(KI67_PRIOR / (1 - KI67_PRIOR)))
@@ -136,8 +139,10 @@ class SpatialMultiTaskNet(nn.Module):
         extras = []  # appended to the region-pooled vector before the representation
         if self.cfg.physical_size:
             extras.append(size_features(regions, voxel_mm, self.spec.regions))
+        stats = (region_statistics(image, masks) if self.cfg.region_statistics or self.cfg.statistics_heads
+                 else None)
         if self.cfg.region_statistics:
-            extras.append(region_statistics(image, masks))
+            extras.append(stats)
         extra = torch.cat(extras, dim=1) if extras else None
         x = image * masks.sum(1, keepdim=True) if self.cfg.mask_input else image
         if self.cfg.region_channels:
@@ -150,6 +155,8 @@ class SpatialMultiTaskNet(nn.Module):
         for i, task in enumerate(self.tasks):
             rep = towers[i if len(towers) > 1 else 0]["representation"][task]
             raw[task] = self.heads[task](rep).squeeze(-1)
+            if self.cfg.statistics_heads:
+                raw[task] = raw[task] + self.statistics_heads(stats, task).to(raw[task].dtype)
         return raw, (_average_explanations(towers) if explain else {})
 
     def forward(self, image: torch.Tensor, regions: torch.Tensor, voxel_mm: torch.Tensor | None = None,

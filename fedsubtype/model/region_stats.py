@@ -12,7 +12,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .. import TASKS
 from .regions_pool import weighted_moments
 
 SMOOTH_SIGMA_VOXELS = 1.0
@@ -56,3 +58,112 @@ def region_statistics(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     moments = [weighted_moments(a, masks, std=True) for a in (image, blurred, image - blurred)]  # each [B,R,2]
     fraction = masks.flatten(2).mean(-1).clamp_min(1e-4).log().unsqueeze(-1)  # [B,R,1]
     return torch.cat([*moments, fraction], dim=-1).flatten(1)
+
+
+class StatisticsHeads(nn.Module):
+    """One linear read-out of the region statistics per task (the wide part of a wide-and-deep model).
+
+    Trained from zero alongside the network, these read-outs stay small and all point along the labels'
+    common direction (early-stopped gradient descent is a strong ridge, and ER, PR and HER2 are
+    correlated), so the deep path decides and the tasks collapse onto one score. They are therefore
+    started where a per-task linear model of the training cases ends (`fit_statistics_heads`): the
+    statistics standardised (centre and scale kept as buffers; they differ in scale by two orders of
+    magnitude), then a logistic regression per biomarker and a ridge regression of logit Ki-67, and the
+    network learns on top of them. In a federation each site fits them in the first round on its own
+    cases; the averaged weights and buffers then travel like any other.
+    """
+
+    def __init__(self, n_features: int, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        self.linear = nn.ModuleDict({t: nn.Linear(n_features, 1) for t in tasks})
+        for layer in self.linear.values():  # before fitting: the network without them
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.register_buffer("center", torch.zeros(n_features))
+        self.register_buffer("scale", torch.ones(n_features))
+        self.register_buffer("fitted", torch.zeros(()))
+
+    def standardise(self, stats: torch.Tensor) -> torch.Tensor:
+        """Statistics [B, F] centred and scaled as on the training cases."""
+        return (stats.to(self.center.dtype) - self.center) / self.scale
+
+    def forward(self, stats: torch.Tensor, task: str) -> torch.Tensor:
+        """[B] logit contribution of `task` from statistics [B, F]."""
+        return self.linear[task](self.standardise(stats)).squeeze(-1)
+
+
+def unfitted_statistics_heads(model: nn.Module) -> list[tuple[nn.Module, StatisticsHeads]]:
+    """(network, its StatisticsHeads) for every statistics read-out in `model` not yet fitted."""
+    return [(m, heads) for m in model.modules() for heads in [getattr(m, "statistics_heads", None)]
+            if isinstance(heads, StatisticsHeads) and float(heads.fitted) == 0.0]
+
+
+def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int = 32) -> int:
+    """Fit every not-yet-fitted StatisticsHeads in `model` on the cases of `data` (items with `image`,
+    `regions`, `labels`, `present`; no augmentation): scaler, then per-task linear models. Returns how
+    many were fitted; fitted ones (a loaded model, a federated round after the first) are left alone."""
+    from .regions_pool import region_masks
+
+    owners = unfitted_statistics_heads(model)
+    if not owners or len(data) == 0:
+        return 0
+    by_regions: dict[tuple[str, ...], list[torch.Tensor]] = {m.spec.regions: [] for m, _ in owners}
+    labels, present = [], []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            image = torch.stack([x["image"] for x in items]).to(torch.float32)
+            regions = torch.stack([x["regions"] for x in items])
+            labels.append(torch.stack([x["labels"] for x in items]))
+            present.append(torch.stack([x["present"] for x in items]))
+            for seen, parts in by_regions.items():
+                parts.append(region_statistics(image, region_masks(regions, seen)))
+    y = torch.where(torch.cat(present).bool(), torch.cat(labels).double(), torch.tensor(float("nan"))).numpy()
+    for m, heads in owners:
+        stats = torch.cat(by_regions[m.spec.regions]).double()
+        center, scale = stats.mean(0), stats.std(0, unbiased=False).clamp_min(1e-3)
+        z = ((stats - center) / scale).numpy()
+        with torch.no_grad():
+            heads.center.copy_(center)
+            heads.scale.copy_(scale)
+            for task in m.tasks:
+                fitted = _linear_fit(z, y[:, TASKS.index(task)], task, seed)
+                if fitted is not None:
+                    weight, bias = fitted
+                    heads.linear[task].weight.copy_(torch.as_tensor(weight).reshape(1, -1))
+                    # the deep head adds its own starting offset (Ki-67: the prior); the sum starts at the fit
+                    heads.linear[task].bias.fill_(bias - float(m.heads[task][-1].bias))
+            heads.fitted.fill_(1.0)
+    return len(owners)
+
+
+KI67_FIT_RANGE = (0.01, 0.99)
+"""Ki-67 fractions are clipped to this range before the logit that the ridge regression fits."""
+
+
+def _linear_fit(z, y, task: str, seed: int):
+    """(weights, intercept) of a per-task linear model on standardised statistics `z` for labels `y` (NaN =
+    missing): logistic regression for a biomarker (C by stratified 5-fold cross-validation on log loss), ridge
+    on the logit Ki-67 fraction (penalty by leave-one-out). None when the cases cannot support a fit (too
+    few, or one class only)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    ok = ~np.isnan(y)
+    z, y = z[ok], y[ok]
+    if task == "ki67":
+        if len(y) < 10:
+            return None
+        frac = np.clip(y / 100.0, *KI67_FIT_RANGE)
+        ridge = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(z, np.log(frac / (1 - frac)))
+        return ridge.coef_, float(ridge.intercept_)
+    y = y.astype(int)
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < 2:
+        return None
+    folds = StratifiedKFold(int(min(5, counts.min())), shuffle=True, random_state=seed)
+    search = GridSearchCV(LogisticRegression(max_iter=2000), {"C": list(np.logspace(-3, 1, 9))},
+                          scoring="neg_log_loss", cv=folds).fit(z, y)
+    best = search.best_estimator_
+    return best.coef_.ravel(), float(best.intercept_[0])

@@ -1,0 +1,97 @@
+"""How much of a wide-and-deep network's prediction is its linear read-out of the region statistics?
+
+For a row trained with `model.statistics_heads`, each task's logit is the deep path (attention, region
+weighting, representation, head) plus a linear map of the standardised region statistics. This splits the
+test-split logits of every seed into the two parts and reports their spread and the AUC each part reaches
+alone: if the network's ranking is its read-out's, the convolutional part has added nothing.
+
+    python -m fedsubtype.benchmarks.read_out_share results/paper-wide [--row full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import CLASSIFICATION_TASKS
+from ..errors import UserError
+from .head_refit import TrainedRun, trained_runs
+
+PARTS: tuple[str, ...] = ("total", "read_out", "deep")
+
+
+def logit_parts(run: TrainedRun, batch_size: int = 32) -> dict[str, dict[str, np.ndarray]]:
+    """{task: {"total", "read_out", "deep": [N] logits}} on the run's test split (total = read_out + deep)."""
+    import torch
+
+    from ..dataset import CaseDataset
+    from ..model.region_stats import region_statistics
+    from ..model.regions_pool import region_masks
+
+    model = run.model
+    if getattr(model, "statistics_heads", None) is None:
+        raise UserError("this row's network has no statistics read-outs", "pass a folder trained with "
+                        "--statistics-heads", where=str(run.folder))
+    data = CaseDataset(run.splits["test"], run.cache)
+    parts: dict[str, dict[str, list]] = {t: {p: [] for p in PARTS} for t in CLASSIFICATION_TASKS}
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            image = torch.stack([x["image"] for x in items])
+            regions = torch.stack([x["regions"] for x in items])
+            raw, _ = model.raw_outputs(image, regions, torch.stack([x["voxel_mm"] for x in items]))
+            stats = region_statistics(image, region_masks(regions, model.spec.regions))
+            for task in CLASSIFICATION_TASKS:
+                read_out = model.statistics_heads(stats, task)
+                parts[task]["total"].append(raw[task])
+                parts[task]["read_out"].append(read_out)
+                parts[task]["deep"].append(raw[task] - read_out)
+    return {t: {p: torch.cat(v).double().numpy() for p, v in d.items()} for t, d in parts.items()}
+
+
+def read_out_shares(results: str | Path, row: str = "full") -> pd.DataFrame:
+    """One line per seed and task: test-split AUC of the whole logit, of the read-out alone and of the deep
+    path alone, and the standard deviation of each part's logit over the test cases."""
+    from sklearn.metrics import roc_auc_score
+
+    lines: list[dict[str, Any]] = []
+    for run in trained_runs(results, row):
+        parts = logit_parts(run)
+        labels = np.stack([c.label_vector() for c in run.splits["test"]]).astype(float)
+        for j, task in enumerate(CLASSIFICATION_TASKS):
+            ok = ~np.isnan(labels[:, j])
+            line: dict[str, Any] = {"seed": run.seed, "task": task}
+            both = len(np.unique(labels[ok, j])) == 2
+            for part in PARTS:
+                logits = parts[task][part]
+                line[f"auc_{part}"] = roc_auc_score(labels[ok, j], logits[ok]) if both else float("nan")
+                line[f"sd_{part}"] = float(logits.std())
+            lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedsubtype.benchmarks.read_out_share",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a `fedsubtype benchmark paper` output folder")
+    parser.add_argument("--row", default="full", help="network row trained with --statistics-heads (default: full)")
+    args = parser.parse_args(argv)
+    try:
+        table = read_out_shares(args.results, args.row)
+    except UserError as exc:
+        print(f"error: {exc.line()}", file=sys.stderr)
+        return 1
+    print(table.round(3).to_string(index=False))
+    from ..configio import atomic_write_text
+
+    atomic_write_text(Path(args.results) / f"read_out_share_{args.row}.csv", table.to_csv(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
