@@ -229,8 +229,14 @@ def resolved_sections(scen: Scenario, where: str) -> dict[str, Any]:
 
 
 def _check_sub_configs(scen: Scenario, where: str) -> None:
-    """Validate the pass-through sections against the library's own config classes."""
+    """Validate the pass-through sections against the library's own config classes, and their combination."""
     resolved_sections(scen, where)
+    private = scen.privacy.get("enabled") or (scen.sweep is not None and scen.sweep.param == "privacy.target_epsilon"
+                                              and any(v not in (None, "inf", "none") for v in scen.sweep.values))
+    if scen.model.get("statistics_heads") and private:
+        raise ConfigError("model.statistics_heads starts from linear models fitted on each site's cases, which "
+                          "differential privacy does not cover", "turn statistics_heads or privacy off",
+                          where=f"{where}.model.statistics_heads")
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -116,6 +116,10 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
     ({"sweep": {"param": "partition.alpha", "values": [1, -0.5]}}, "alpha must be > 0"),
     ({"federation": {"budget_epochs": 5, "local_epochs": 2}}, "not a multiple of local_epochs"),
     ({"seedz": [1]}, "unknown key 'seedz'"),
+    ({"model": {"statistics_heads": True}, "privacy": {"enabled": True, "target_epsilon": 8}},
+     "differential privacy does not cover"),
+    ({"model": {"statistics_heads": True}, "sweep": {"param": "privacy.target_epsilon", "values": [None, 4]}},
+     "differential privacy does not cover"),
 ])
 def test_bad_scenarios_are_one_line_errors(tmp_path: Path, change: dict, needle: str) -> None:
     path = _scenario(tmp_path, tmp_path / "nowhere", **change)

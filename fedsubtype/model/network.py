@@ -97,7 +97,7 @@ class SpatialMultiTaskNet(nn.Module):
         half = max(cfg.hidden_dim // 2, 1)
         self.heads = nn.ModuleDict({t: nn.Sequential(nn.Linear(cfg.hidden_dim, half), nn.SiLU(), nn.Linear(half, 1))
                                     for t in self.tasks})
-        if cfg.statistics_heads:  # wide path: one linear map of the region statistics per task, starting at 0
+        if cfg.statistics_heads:  # wide path: a linear map of the region statistics per task, fitted when training starts
             self.statistics_heads = StatisticsHeads(STATS_PER_REGION * len(spec.regions), self.tasks)
         if "ki67" in self.heads:
             with torch.no_grad():

@@ -3,7 +3,9 @@
 Trained on a few hundred cases, the convolutional features settle on the tumour's size and encode the
 enhancement level, its spread and the peritumoral signal worse than plain region means and standard
 deviations of the input do (docs/paper-benchmark.md). These statistics have no parameters; they join
-the region-pooled features before the shared representation, which learns what to make of them.
+the region-pooled features before the shared representation (`region_statistics`), and/or each task
+reads them through its own linear map started from a linear model of the training cases
+(`statistics_heads`, `StatisticsHeads`).
 """
 
 from __future__ import annotations
