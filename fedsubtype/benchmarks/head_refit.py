@@ -16,7 +16,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -152,23 +152,33 @@ def refit_heads(results: str | Path, row: str = "full") -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsubtype.benchmarks.head_refit",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="a `fedsubtype benchmark paper` output folder")
-    parser.add_argument("--row", default="full", help="network row whose heads are refitted (default: full)")
-    args = parser.parse_args(argv)
-    try:
-        table = refit_heads(args.results, args.row)
-    except UserError as exc:
-        print(f"error: {exc.line()}", file=sys.stderr)
-        return 1
-    print(table.round(3).to_string(index=False))
-    print(f"\nmean over {len(table)} seeds: trained {table.avg_trained.mean():.3f} ± {table.avg_trained.std(ddof=1):.3f}, "
-          f"refitted heads {table.avg_refit.mean():.3f} ± {table.avg_refit.std(ddof=1):.3f}")
+def folder_tool(argv: list[str] | None, prog: str, doc: str, row_help: str,
+                compute: Callable[[Path, str], pd.DataFrame], csv_stem: str) -> pd.DataFrame | None:
+    """Command line of a per-seed tool over a benchmark folder: parse `results [--row]`, compute the table,
+    print it and write `<results>/<csv_stem>_<row>.csv`; None after a one-line error."""
     from ..configio import atomic_write_text
 
-    atomic_write_text(Path(args.results) / f"head_refit_{args.row}.csv", table.to_csv(index=False))
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a `fedsubtype benchmark paper` output folder")
+    parser.add_argument("--row", default="full", help=row_help)
+    args = parser.parse_args(argv)
+    try:
+        table = compute(args.results, args.row)
+    except UserError as exc:
+        print(f"error: {exc.line()}", file=sys.stderr)
+        return None
+    print(table.round(3).to_string(index=False))
+    atomic_write_text(Path(args.results) / f"{csv_stem}_{args.row}.csv", table.to_csv(index=False))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    table = folder_tool(argv, "python -m fedsubtype.benchmarks.head_refit", __doc__,
+                        "network row whose heads are refitted (default: full)", refit_heads, "head_refit")
+    if table is None:
+        return 1
+    print(f"\nmean over {len(table)} seeds: trained {table.avg_trained.mean():.3f} ± {table.avg_trained.std(ddof=1):.3f}, "
+          f"refitted heads {table.avg_refit.mean():.3f} ± {table.avg_refit.std(ddof=1):.3f}")
     return 0
 
 

@@ -10,8 +10,6 @@ alone: if the network's ranking is its read-out's, the convolutional part has ad
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pandas as pd
 
 from .. import CLASSIFICATION_TASKS
 from ..errors import UserError
-from .head_refit import TrainedRun, trained_runs
+from .head_refit import TrainedRun, folder_tool, trained_runs
 
 PARTS: tuple[str, ...] = ("total", "read_out", "deep")
 
@@ -76,21 +74,10 @@ def read_out_shares(results: str | Path, row: str = "full") -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsubtype.benchmarks.read_out_share",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="a `fedsubtype benchmark paper` output folder")
-    parser.add_argument("--row", default="full", help="network row trained with --statistics-heads (default: full)")
-    args = parser.parse_args(argv)
-    try:
-        table = read_out_shares(args.results, args.row)
-    except UserError as exc:
-        print(f"error: {exc.line()}", file=sys.stderr)
-        return 1
-    print(table.round(3).to_string(index=False))
-    from ..configio import atomic_write_text
-
-    atomic_write_text(Path(args.results) / f"read_out_share_{args.row}.csv", table.to_csv(index=False))
-    return 0
+    table = folder_tool(argv, "python -m fedsubtype.benchmarks.read_out_share", __doc__,
+                        "network row trained with --statistics-heads (default: full)", read_out_shares,
+                        "read_out_share")
+    return 1 if table is None else 0
 
 
 if __name__ == "__main__":
