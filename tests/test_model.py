@@ -448,7 +448,6 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
     torch.testing.assert_close(heads.center, stats.mean(0).float())
     z = ((stats - stats.mean(0)) / stats.std(0, unbiased=False).clamp_min(1e-3)).numpy()
     # HER2 starts at the logistic regression of the training cases (its C chosen by cross-validation) ...
-    c = None
     for c in np.logspace(-3, 1, 9):
         ref = LogisticRegression(C=c, max_iter=2000).fit(z, her2.numpy())
         if np.allclose(ref.coef_.ravel(), heads.linear["her2"].weight.detach().numpy().ravel(), atol=1e-3):
@@ -460,7 +459,7 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
         plain_raw, _ = plain.raw_outputs(image, regions)
     expected = torch.as_tensor(ref.decision_function(z)).float() + plain_raw["her2"] - float(plain.heads["her2"][-1].bias.detach())
     torch.testing.assert_close(raw["her2"], expected, rtol=1e-3, atol=1e-3)
-    assert float(heads.linear["pr"].weight.abs().sum()) == 0.0  # no PR label anywhere: left at zero
+    assert float(heads.linear["pr"].weight.detach().abs().sum()) == 0.0  # no PR label anywhere: left at zero
     assert fit_statistics_heads(wide, data) == 0  # fitted read-outs are kept (loaded models, later rounds)
     assert {"statistics_heads.center", "statistics_heads.scale", "statistics_heads.fitted"} <= set(wide.state_dict())
     core_only = build_model(ModelConfig(**small, variant="core_only", statistics_heads=True), seed=0)
