@@ -49,6 +49,7 @@ def frozen_features(model, cases, cache, batch_size: int = 32) -> np.ndarray:
     """[N, F] what the task heads of `model` read for each case: the shared representation, plus the region
     statistics when the model has `region_statistics` (a model without task branches)."""
     import torch
+    from torch.utils.data import DataLoader
 
     from ..dataset import CaseDataset
     from ..model.region_stats import region_statistics
@@ -64,11 +65,9 @@ def frozen_features(model, cases, cache, batch_size: int = 32) -> np.ndarray:
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-                image = torch.stack([x["image"] for x in items])
-                regions = torch.stack([x["regions"] for x in items])
-                model(image, regions, torch.stack([x["voxel_mm"] for x in items]))  # size features need it
+            for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+                image, regions = batch["image"], batch["regions"]
+                model(image, regions, batch["voxel_mm"])  # size features need it
                 if model.cfg.region_statistics:
                     stats.append(region_statistics(image, region_masks(regions, model.spec.regions)))
     finally:

@@ -26,6 +26,7 @@ PARTS: tuple[str, ...] = ("total", "read_out", "deep")
 def logit_parts(run: TrainedRun, batch_size: int = 32) -> dict[str, dict[str, np.ndarray]]:
     """{task: {"total", "read_out", "deep": [N] logits}} on the run's test split (total = read_out + deep)."""
     import torch
+    from torch.utils.data import DataLoader
 
     from ..dataset import CaseDataset
     from ..model.region_stats import region_statistics
@@ -38,11 +39,9 @@ def logit_parts(run: TrainedRun, batch_size: int = 32) -> dict[str, dict[str, np
     data = CaseDataset(run.splits["test"], run.cache)
     parts: dict[str, dict[str, list]] = {t: {p: [] for p in PARTS} for t in CLASSIFICATION_TASKS}
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-            image = torch.stack([x["image"] for x in items])
-            regions = torch.stack([x["regions"] for x in items])
-            raw, _ = model.raw_outputs(image, regions, torch.stack([x["voxel_mm"] for x in items]))
+        for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+            image, regions = batch["image"], batch["regions"]
+            raw, _ = model.raw_outputs(image, regions, batch["voxel_mm"])
             stats = region_statistics(image, region_masks(regions, model.spec.regions))
             for task in CLASSIFICATION_TASKS:
                 read_out = model.statistics_heads(stats, task)

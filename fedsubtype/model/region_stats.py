@@ -104,6 +104,8 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
     """Fit every not-yet-fitted StatisticsHeads in `model` on the cases of `data` (items with `image`,
     `regions`, `labels`, `present`; no augmentation): scaler, then per-task linear models. Returns how
     many were fitted; fitted ones (a loaded model, a federated round after the first) are left alone."""
+    from torch.utils.data import DataLoader
+
     from .regions_pool import region_masks
 
     owners = unfitted_statistics_heads(model)
@@ -112,14 +114,12 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
     by_regions: dict[tuple[str, ...], list[torch.Tensor]] = {m.spec.regions: [] for m, _ in owners}
     labels, present = [], []
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-            image = torch.stack([x["image"] for x in items]).to(torch.float32)
-            regions = torch.stack([x["regions"] for x in items])
-            labels.append(torch.stack([x["labels"] for x in items]))
-            present.append(torch.stack([x["present"] for x in items]))
+        for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+            image = batch["image"].to(torch.float32)
+            labels.append(batch["labels"])
+            present.append(batch["present"])
             for seen, parts in by_regions.items():
-                parts.append(region_statistics(image, region_masks(regions, seen)))
+                parts.append(region_statistics(image, region_masks(batch["regions"], seen)))
     y = torch.where(torch.cat(present).bool(), torch.cat(labels).double(), torch.tensor(float("nan"))).numpy()
     for m, heads in owners:
         stats = torch.cat(by_regions[m.spec.regions]).double()
