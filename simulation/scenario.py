@@ -197,7 +197,13 @@ class Scenario:
         so a run finished under one invocation is reused by another that asks for the same run."""
         data = to_dict(self)
         data.update(resolved_sections(self, "scenario"))  # library defaults count: a changed default changes runs
-        from fedsubtype.preprocess import PREPROCESS_VERSION
+        from fedsubtype.model.config import LEGACY_DEFAULTS as MODEL_LEGACY
+        from fedsubtype.preprocess import LEGACY_DEFAULTS as PREPROCESS_LEGACY, PREPROCESS_VERSION
+
+        for section, legacy in (("model", MODEL_LEGACY), ("preprocess", PREPROCESS_LEGACY)):
+            for key, before in legacy.items():  # a key added later, at the value that reproduces the runs before it
+                if data[section].get(key, before) == before:
+                    data[section].pop(key, None)
 
         data["preprocess_version"] = PREPROCESS_VERSION
         for key in ("name", "output_dir", "ray", "description", "methods", "seeds", "leave_one_site_out",

@@ -467,3 +467,85 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
     _assert_per_sample_gradients(build_model(ModelConfig(**small, statistics_heads=True), seed=0))
     with pytest.raises(ConfigError, match="model.statistics_heads"):
         from_dict(ModelConfig, {"statistics_heads": "yes"}, "model")
+
+
+def test_tumour_distance_is_the_chessboard_distance() -> None:
+    from scipy import ndimage
+
+    from fedsubtype.model.region_stats import tumour_distance
+
+    rng = np.random.default_rng(2)
+    tumour = np.zeros((2, 20, 20, 20), dtype=bool)
+    tumour[0, 8:12, 6:10, 9:11] = True
+    tumour[1][rng.random((20, 20, 20)) > 0.995] = True  # scattered voxels: an irregular shape
+    distance = tumour_distance(torch.from_numpy(tumour).float().unsqueeze(1), max_steps=6)[:, 0].numpy()
+    for b in range(2):
+        expected = ndimage.distance_transform_cdt(~tumour[b], metric="chessboard")
+        np.testing.assert_array_equal(distance[b], np.minimum(expected, 7))  # beyond reach: max_steps + 1
+
+
+def test_peritumoral_profile_reads_band_means_by_hand() -> None:
+    from fedsubtype.model.region_stats import PROFILE_BANDS, PROFILE_STATS, peritumoral_profile
+    from fedsubtype.model.regions_pool import region_masks
+
+    size = 64  # the bands are defined in voxels of a 64³ grid
+    regions = torch.zeros(2, size, size, size, dtype=torch.int64)
+    regions[:, 18:46, 18:46, 18:46] = 3  # shell 10 voxels thick around the tumour
+    regions[:, 28:36, 28:36, 28:36] = 2
+    regions[:, 30:34, 30:34, 30:34] = 1
+    regions[1, 18:46, 18:46, 18:26] = 0  # case 1: the outer part of one side is cut off (not in the body)
+    idx = torch.arange(size)
+    # chessboard distance from the cube [28, 36)³ along each axis, then the maximum over axes
+    axis = torch.clamp(torch.maximum(28 - idx, idx - 35), min=0)
+    distance = torch.maximum(torch.maximum(axis[:, None, None], axis[None, :, None]), axis[None, None, :]).float()
+    image = (10.0 - distance).expand(2, 1, size, size, size).clone()  # brightness falls off with distance
+    names = ("core", "rim", "peritumoral")
+    profile = peritumoral_profile(image, region_masks(regions, names), names)
+    assert profile.shape == (2, PROFILE_STATS)
+    for b in range(2):
+        peri = regions[b] == 3
+        means = [image[b, 0][peri & (distance > lo) & (distance <= hi)].mean().item() for lo, hi in PROFILE_BANDS]
+        np.testing.assert_allclose(profile[b, :4].numpy(), means, rtol=1e-5)
+        np.testing.assert_allclose(profile[b, 4:].numpy(), np.array(means[:3]) - means[3], rtol=1e-5, atol=1e-5)
+    assert profile[0, 0].item() == pytest.approx(10 - 1.5 + 0.0, abs=0.2)  # band (0, 2]: mostly distances 1 and 2
+    # a shell thinner than the outer band: that band takes the shell's mean instead of nothing
+    thin = regions.clone()
+    thin[(thin == 3)] = 0
+    thin[:, 26:38, 26:38, 26:38] = torch.where(thin[:, 26:38, 26:38, 26:38] == 0, 3, thin[:, 26:38, 26:38, 26:38])
+    thin_profile = peritumoral_profile(image, region_masks(thin, names), names)
+    shell_mean = image[0, 0][thin[0] == 3].mean().item()
+    assert thin_profile[0, 3].item() == pytest.approx(shell_mean, rel=1e-5)
+    # at 32³ the same bands are half as many voxels wide: the profile follows the field of view, not the grid
+    half = peritumoral_profile(image[:, :, ::2, ::2, ::2], region_masks(regions[:, ::2, ::2, ::2], names), names)
+    assert half[0, :4].numpy() == pytest.approx(profile[0, :4].numpy(), abs=0.6)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_peritumoral_profile_joins_the_statistics_of_variants_that_see_the_shell() -> None:
+    from fedsubtype.model.region_stats import PROFILE_STATS, STATS_PER_REGION, fit_statistics_heads
+
+    small = dict(width=8, feature_dim=16, hidden_dim=16)
+    wide = build_model(ModelConfig(**small, statistics_heads=True, peritumoral_profile=True), seed=0)
+    assert wide.statistics_heads.linear["her2"].in_features == 3 * STATS_PER_REGION + PROFILE_STATS
+    deep = build_model(ModelConfig(**small, region_statistics=True, peritumoral_profile=True), seed=0)
+    plain = build_model(ModelConfig(**small, region_statistics=True), seed=0)
+    assert count_parameters(deep) - count_parameters(plain) == PROFILE_STATS * 16  # the representation reads them
+    # a variant that does not see peritumoral tissue gets no profile (nor does the key change anything there)
+    for variant in ("no_peritumoral", "core_only"):
+        blind = build_model(ModelConfig(**small, variant=variant, statistics_heads=True, peritumoral_profile=True), 0)
+        seen = len(blind.spec.regions)
+        assert blind.statistics_heads.linear["er"].in_features == seen * STATS_PER_REGION
+    image, regions = _case(batch=12, size=32)
+    image[::2, 0] += 0.7 * ((regions[::2] == 3) & (image[::2, 0] > -5)).float()  # brighter shell in half the cases
+    her2 = (torch.arange(12) % 2 == 0).float()
+    labels = torch.stack([her2, her2, her2, torch.full((12,), 20.0)], 1)
+    data = [{"image": image[i], "regions": regions[i], "labels": labels[i], "present": torch.ones(4, dtype=torch.bool)}
+            for i in range(12)]
+    assert fit_statistics_heads(wide, data) == 1  # the fit sees the profile too (the scaler has 28 entries)
+    assert wide.statistics_heads.center.shape == (3 * STATS_PER_REGION + PROFILE_STATS,)
+    with torch.no_grad():
+        out = wide.eval()(image, regions)["logits"][:, 2]
+    assert (out[::2].min() > out[1::2].max()).item()  # the read-out separates the brighter shells
+    _assert_per_sample_gradients(build_model(ModelConfig(**small, statistics_heads=True, peritumoral_profile=True), 0))
+    with pytest.raises(ConfigError, match="model.peritumoral_profile"):
+        from_dict(ModelConfig, {"peritumoral_profile": "yes"}, "model")

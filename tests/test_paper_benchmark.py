@@ -45,11 +45,12 @@ def test_paper_table_on_a_tiny_phantom_and_resume(phantom_cohort: Path, tmp_path
     sized = tmp_path / "sized"
     assert main([*args[:4], "--out", str(sized), *args[6:], "--rows", "full", "--physical-size", "--patience", "none",
                  "--epochs", "2", "--ema-decay", "0.9", "--augment-strength", "0.5", "--refit", "--pooling", "mean_std", "--task-branches",
-                 "--region-statistics", "--statistics-heads"]) == 0
+                 "--region-statistics", "--statistics-heads", "--peritumoral-profile"]) == 0
     stored = yaml.safe_load((sized / "config.yaml").read_text(encoding="utf-8"))
     assert stored["model"]["physical_size"] is True and stored["training"]["patience"] is None
     assert stored["model"]["pooling"] == "mean_std" and stored["model"]["task_branches"] is True
     assert stored["model"]["region_statistics"] is True and stored["model"]["statistics_heads"] is True
+    assert stored["model"]["peritumoral_profile"] is True
     assert stored["training"]["ema_decay"] == 0.9 and stored["training"]["augment_strength"] == 0.5 and stored["refit"] is True
     run = sized / "runs" / "full" / "seed0"
     assert (run / "done.json").is_file()
@@ -67,7 +68,7 @@ def test_statistics_row_reads_the_networks_own_region_statistics(phantom_cohort:
     from fedsubtype.benchmarks.paper import statistics_features
     from fedsubtype.cache import PreprocessCache
     from fedsubtype.manifest import read_manifest
-    from fedsubtype.model.region_stats import STATS_PER_REGION, region_statistics
+    from fedsubtype.model.region_stats import PROFILE_STATS, STATS_PER_REGION, peritumoral_profile, region_statistics
     from fedsubtype.model.regions_pool import region_masks
     from fedsubtype.preprocess import PreprocessConfig
 
@@ -88,6 +89,13 @@ def test_statistics_row_reads_the_networks_own_region_statistics(phantom_cohort:
     direct = region_statistics(torch.from_numpy(pc.image)[None, None], masks)[0].numpy()
     assert feats[cases[0].case_id].shape == (3 * STATS_PER_REGION,)
     np.testing.assert_allclose(feats[cases[0].case_id], direct, rtol=1e-6)
+    # with the profile (--peritumoral-profile): the same 21, then the peritumoral profile's 7
+    profiled = statistics_features(cases, cache, profile=True)[cases[0].case_id]
+    assert profiled.shape == (3 * STATS_PER_REGION + PROFILE_STATS,)
+    np.testing.assert_allclose(profiled[:3 * STATS_PER_REGION], direct, rtol=1e-6)
+    names = ("core", "rim", "peritumoral")
+    profile = peritumoral_profile(torch.from_numpy(pc.image)[None, None], masks, names)[0].numpy()
+    np.testing.assert_allclose(profiled[3 * STATS_PER_REGION:], profile, rtol=1e-6, atol=1e-7)
 
 
 def test_unknown_row_is_a_one_line_error(phantom_cohort: Path, tmp_path: Path, capsys) -> None:

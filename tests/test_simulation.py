@@ -157,6 +157,22 @@ def test_a_library_default_is_part_of_the_run_identity(tmp_path: Path) -> None:
     assert hashes["unstated"] == hashes["stated"] != hashes["other"]
 
 
+def test_a_key_added_later_at_its_legacy_value_keeps_the_run_identity(tmp_path: Path, monkeypatch) -> None:
+    """A model key added with the value that reproduces the network before it must not invalidate finished runs;
+    set otherwise, it must."""
+    from fedsubtype.model.config import LEGACY_DEFAULTS
+
+    phantom = tmp_path / "ph"
+    hashes = {}
+    for label, model in (("before", TINY_MODEL), ("on", {**TINY_MODEL, "peritumoral_profile": True})):
+        (tmp_path / label).mkdir()
+        hashes[label] = load_scenario(_scenario(tmp_path / label, phantom, model=model)).config_hash()
+    assert hashes["before"] != hashes["on"]
+    monkeypatch.delitem(LEGACY_DEFAULTS, "peritumoral_profile")  # as if the key were part of the original network
+    (tmp_path / "counted").mkdir()
+    assert load_scenario(_scenario(tmp_path / "counted", phantom)).config_hash() != hashes["before"]
+
+
 def _sweep_record(setting: str, seed: int, auc: float, eps: float | None) -> dict:
     metrics = {"pooled": {"mean_auc": auc, "er": {"auc": auc}, "pr": {"auc": auc}, "her2": {"auc": auc},
                           "ki67": {"mae": 10.0 + seed}}}

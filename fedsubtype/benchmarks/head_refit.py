@@ -52,7 +52,6 @@ def frozen_features(model, cases, cache, batch_size: int = 32) -> np.ndarray:
     from torch.utils.data import DataLoader
 
     from ..dataset import CaseDataset
-    from ..model.region_stats import region_statistics
     from ..model.regions_pool import region_masks
 
     if model.cfg.task_branches or len(model.extractors) != 1:
@@ -69,7 +68,7 @@ def frozen_features(model, cases, cache, batch_size: int = 32) -> np.ndarray:
                 image, regions = batch["image"], batch["regions"]
                 model(image, regions, batch["voxel_mm"])  # size features need it
                 if model.cfg.region_statistics:
-                    stats.append(region_statistics(image, region_masks(regions, model.spec.regions)))
+                    stats.append(model.input_statistics(image, region_masks(regions, model.spec.regions)))
     finally:
         hook.remove()
     parts = [torch.cat(reps)] + ([torch.cat(stats)] if stats else [])

@@ -176,12 +176,12 @@ def _network_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dic
     return test, ext
 
 
-def statistics_features(cases: Sequence[Case], cache) -> dict[str, np.ndarray]:
-    """Per case, the region statistics `model.region_statistics` gives the network (core, rim, peritumoral;
-    7 each), computed from the same cached input the networks read."""
+def statistics_features(cases: Sequence[Case], cache, profile: bool = False) -> dict[str, np.ndarray]:
+    """Per case, the statistics the full network reads from the same cached input (`input_statistics`:
+    7 per region for core, rim and peritumoral tissue, plus the peritumoral profile with `profile`)."""
     import torch
 
-    from ..model.region_stats import region_statistics
+    from ..model.region_stats import input_statistics
     from ..model.regions_pool import region_masks
     from ..model.variants import ALL_REGIONS
 
@@ -190,7 +190,8 @@ def statistics_features(cases: Sequence[Case], cache) -> dict[str, np.ndarray]:
         for case in cases:
             pc = cache.get(case)
             masks = region_masks(torch.from_numpy(pc.regions.astype(np.int64))[None], ALL_REGIONS)
-            out[case.case_id] = region_statistics(torch.from_numpy(pc.image)[None, None], masks)[0].double().numpy()
+            stats = input_statistics(torch.from_numpy(pc.image)[None, None], masks, ALL_REGIONS, profile)
+            out[case.case_id] = stats[0].double().numpy()
     return out
 
 
@@ -322,7 +323,7 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
         matrix, _ = feature_matrix(cases, cache_dir=bench.cache_dir, workers=bench.workers)
         features["radiomics"] = {c.case_id: matrix[i] for i, c in enumerate(cases)}
     if any(r in STATISTICS_ROWS for r in bench.rows):
-        features["statistics"] = statistics_features(cases, cache)
+        features["statistics"] = statistics_features(cases, cache, bench.model.peritumoral_profile)
 
     oracle_dir = bench.manifest.parent if (bench.manifest.parent / "latents.csv").is_file() else None
     per_seed: dict[str, list[dict[str, Any]]] = {r: [] for r in bench.rows}

@@ -29,7 +29,6 @@ def logit_parts(run: TrainedRun, batch_size: int = 32) -> dict[str, dict[str, np
     from torch.utils.data import DataLoader
 
     from ..dataset import CaseDataset
-    from ..model.region_stats import region_statistics
     from ..model.regions_pool import region_masks
 
     model = run.model
@@ -42,7 +41,7 @@ def logit_parts(run: TrainedRun, batch_size: int = 32) -> dict[str, dict[str, np
         for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
             image, regions = batch["image"], batch["regions"]
             raw, _ = model.raw_outputs(image, regions, batch["voxel_mm"])
-            stats = region_statistics(image, region_masks(regions, model.spec.regions))
+            stats = model.input_statistics(image, region_masks(regions, model.spec.regions))
             for task in CLASSIFICATION_TASKS:
                 read_out = model.statistics_heads(stats, task)
                 parts[task]["total"].append(raw[task])

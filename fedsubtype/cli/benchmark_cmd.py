@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="give each task its own linear read-out of those region statistics, added to its "
                             "head's output and started from a per-task linear model of the training cases "
                             "(a wide-and-deep model) (default: off)")
+    paper.add_argument("--peritumoral-profile", action=argparse.BooleanOptionalAction, default=False,
+                       help="add the peritumoral profile to those statistics (the image's mean in four distance "
+                            "bands of the peritumoral shell; also for the statistics_lr row) (default: off)")
     paper.add_argument("--epochs", type=int, default=12, help="maximum epochs per network (default: 12)")
     paper.add_argument("--patience", type=_patience, default=4,
                        help="early-stopping patience in epochs, or 'none' to run every epoch and keep the best on "
@@ -129,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         preprocess=from_dict(PreprocessConfig, {"size": args.size, "min_fov_mm": args.min_fov_mm}, "--size/--min-fov-mm"),
         model=ModelConfig(physical_size=args.physical_size, stem=args.stem, pooling=args.pooling,
                           region_mixing=args.region_mixing, task_branches=args.task_branches,
-                          region_statistics=args.region_statistics, statistics_heads=args.statistics_heads),
+                          region_statistics=args.region_statistics, statistics_heads=args.statistics_heads,
+                          peritumoral_profile=args.peritumoral_profile),
         training=from_dict(TrainConfig, {"epochs": args.epochs, "patience": args.patience, "lr": args.lr, "progress": False,
                                          "device": args.device, "ema_decay": args.ema_decay,
                                          "augment_strength": args.augment_strength}, "training"),

@@ -18,7 +18,7 @@ REGION_MIXINGS: tuple[str, ...] = ("softmax_sum", "gated_concat")
 
 LEGACY_DEFAULTS: dict[str, object] = {"stem": "strided", "pooling": "mean", "region_mixing": "softmax_sum",
                                       "task_branches": False, "region_statistics": False,
-                                      "statistics_heads": False}
+                                      "statistics_heads": False, "peritumoral_profile": False}
 """Keys added after model configs were stored (model files, benchmark folders), with the value the network
 had before them: a stored config without the key means this, whatever today's default is."""
 
@@ -83,6 +83,13 @@ class ModelConfig:
     training cases (`region_stats.StatisticsHeads`), so the tasks do not all begin on the labels' common
     direction; works with or without `region_statistics`; not with differential privacy."""
 
+    peritumoral_profile: bool = False
+    """Add the peritumoral profile to those statistics: the image's mean in four distance bands of the
+    peritumoral shell and each inner band minus the outermost (7 numbers, `region_stats.peritumoral_profile`).
+    It reads enhancement and oedema that fade within millimetres of the tumour, which region means blur
+    together. Used by `region_statistics` and `statistics_heads` (no effect without one of them) and only
+    by variants that see peritumoral tissue."""
+
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError (one line naming the key) for an impossible setting."""
         if self.variant not in VARIANTS:
@@ -106,6 +113,9 @@ class ModelConfig:
         if not isinstance(self.statistics_heads, bool):
             raise ConfigError(f"statistics_heads must be true or false, got {self.statistics_heads!r}",
                               "use true or false", where=f"{where}.statistics_heads")
+        if not isinstance(self.peritumoral_profile, bool):
+            raise ConfigError(f"peritumoral_profile must be true or false, got {self.peritumoral_profile!r}",
+                              "use true or false", where=f"{where}.peritumoral_profile")
         if not isinstance(self.region_statistics, bool):
             raise ConfigError(f"region_statistics must be true or false, got {self.region_statistics!r}",
                               "use true or false", where=f"{where}.region_statistics")

@@ -11,7 +11,7 @@ from .. import REGION_LABELS, TASKS
 from .attention import MultiScaleFusion, MultiScaleSpatialAttention, resample
 from .config import ModelConfig
 from .extractor import FeatureExtractor
-from .region_stats import STATS_PER_REGION, StatisticsHeads, region_statistics
+from .region_stats import StatisticsHeads, input_statistics, statistics_width
 from .regions_pool import RegionWeighting, region_fractions, region_masks
 from .variants import VariantSpec, variant_spec
 
@@ -62,7 +62,7 @@ class _Branch(nn.Module):
                           if spec.attention_scales else None)
         self.region_weighting = RegionWeighting(cfg.feature_dim, spec.regions, cfg.pooling, cfg.region_mixing)
         extra = (SIZE_FEATURES if cfg.physical_size else 0) + (
-            STATS_PER_REGION * len(spec.regions) if cfg.region_statistics else 0)
+            statistics_width(spec.regions, cfg.peritumoral_profile) if cfg.region_statistics else 0)
         self.representation = nn.Sequential(nn.Linear(self.region_weighting.out_dim + extra, cfg.hidden_dim), nn.SiLU(),
                                             nn.Dropout(cfg.dropout))
 
@@ -98,7 +98,7 @@ class SpatialMultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict({t: nn.Sequential(nn.Linear(cfg.hidden_dim, half), nn.SiLU(), nn.Linear(half, 1))
                                     for t in self.tasks})
         if cfg.statistics_heads:  # wide path: a linear map of the region statistics per task, fitted when training starts
-            self.statistics_heads = StatisticsHeads(STATS_PER_REGION * len(spec.regions), self.tasks)
+            self.statistics_heads = StatisticsHeads(statistics_width(spec.regions, cfg.peritumoral_profile), self.tasks)
         if "ki67" in self.heads:
             with torch.no_grad():
                 self.heads["ki67"][-1].bias.fill_(math.log(KI67_PRIOR / (1 - KI67_PRIOR)))
@@ -131,6 +131,11 @@ class SpatialMultiTaskNet(nn.Module):
             out.update(_average_explanations(explanations))
         return out
 
+    def input_statistics(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """[B, F] parameter-free statistics of the input over this variant's regions `masks` (what
+        `region_statistics` and `statistics_heads` read)."""
+        return input_statistics(image, masks, self.spec.regions, self.cfg.peritumoral_profile)
+
     def raw_outputs(self, image: torch.Tensor, regions: torch.Tensor, voxel_mm: torch.Tensor | None = None,
                     explain: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
         """Per-task pre-activation outputs (logit per biomarker, Ki-67 logit) and the explanation."""
@@ -139,7 +144,7 @@ class SpatialMultiTaskNet(nn.Module):
         extras = []  # appended to the region-pooled vector before the representation
         if self.cfg.physical_size:
             extras.append(size_features(regions, voxel_mm, self.spec.regions))
-        stats = (region_statistics(image, masks) if self.cfg.region_statistics or self.cfg.statistics_heads
+        stats = (self.input_statistics(image, masks) if self.cfg.region_statistics or self.cfg.statistics_heads
                  else None)
         if self.cfg.region_statistics:
             extras.append(stats)

@@ -47,6 +47,60 @@ def smooth(image: torch.Tensor, sigma: float = SMOOTH_SIGMA_VOXELS) -> torch.Ten
     return out
 
 
+PROFILE_BANDS: tuple[tuple[int, int], ...] = ((0, 2), (2, 4), (4, 6), (6, 10))
+"""Peritumoral distance bands: chessboard distance from the tumour (core and rim), in voxels of a 64³ grid
+(scaled to the input's size), each band (lo, hi]. At the default crop the 5 mm shell is 5–11 such voxels thick."""
+
+PROFILE_STATS = 2 * len(PROFILE_BANDS) - 1
+"""The mean of the image in each band, then each inner band's mean minus the outermost's."""
+
+
+def tumour_distance(tumour: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """Chessboard distance in voxels from the binary `tumour` [B,1,S,S,S] (0 inside; `max_steps` + 1 beyond
+    reach): how many 26-neighbour dilations reach each voxel."""
+    reached, distance = tumour, torch.zeros_like(tumour)
+    for _ in range(max_steps + 1):
+        distance = distance + (1.0 - reached)
+        reached = F.max_pool3d(reached, 3, stride=1, padding=1)
+    return distance
+
+
+def peritumoral_profile(image: torch.Tensor, masks: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """[B, PROFILE_STATS] mean of `image` [B,1,S,S,S] in distance bands of the peritumoral shell, and each
+    inner band minus the outermost: how peritumoral signal (enhancement, oedema) fades away from the tumour,
+    with the shell's own outer tissue as the reference. A band with no voxels takes the shell's mean.
+
+    `masks` [B,R,S,S,S] are the regions `names` (which must include the tumour and peritumoral tissue)."""
+    image = image[:, :1].to(torch.float32)
+    peri = masks[:, names.index("peritumoral")].unsqueeze(1).to(torch.float32)
+    tumour = sum(masks[:, names.index(n)] for n in ("core", "rim") if n in names).unsqueeze(1).clamp(max=1.0)
+    scale = image.shape[-1] / 64.0
+    distance = tumour_distance(tumour.to(torch.float32), int(math.ceil(PROFILE_BANDS[-1][1] * scale))) / scale
+    bands = torch.cat([peri * (distance > lo) * (distance <= hi) for lo, hi in PROFILE_BANDS], dim=1)  # [B,K,...]
+    shell = weighted_moments(image, peri, std=False)[:, 0, 0]  # [B]
+    mass = bands.flatten(2).sum(-1)
+    means = torch.where(mass >= 1.0, weighted_moments(image, bands, std=False)[..., 0], shell.unsqueeze(1))
+    return torch.cat([means, means[:, :-1] - means[:, -1:]], dim=1)
+
+
+def statistics_width(names: tuple[str, ...], profile: bool) -> int:
+    """How many numbers `input_statistics` gives for regions `names`."""
+    return STATS_PER_REGION * len(names) + (PROFILE_STATS if profile and _has_profile(names) else 0)
+
+
+def _has_profile(names: tuple[str, ...]) -> bool:
+    return "peritumoral" in names and ("core" in names or "rim" in names)
+
+
+def input_statistics(image: torch.Tensor, masks: torch.Tensor, names: tuple[str, ...], profile: bool) -> torch.Tensor:
+    """The statistics a network reads from its input: `region_statistics` over the regions `names`, then,
+    with `profile` and a peritumoral region in view, the `peritumoral_profile`."""
+    stats = region_statistics(image, masks)
+    if profile and _has_profile(names):
+        stats = torch.cat([stats, peritumoral_profile(image, masks, names)], dim=1)
+    return stats
+
+
 def region_statistics(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """[B, R·7] statistics of `image` [B,1,S,S,S] over each region of `masks` [B,R,S,S,S] (region-major):
     mean and sd of the image, of its smoothed version and of the residual, then log of the region's
@@ -111,18 +165,18 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
     owners = unfitted_statistics_heads(model)
     if not owners or len(data) == 0:
         return 0
-    by_regions: dict[tuple[str, ...], list[torch.Tensor]] = {m.spec.regions: [] for m, _ in owners}
+    by_view: dict[tuple, list[torch.Tensor]] = {_view(m): [] for m, _ in owners}
     labels, present = [], []
     with torch.no_grad():
         for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
             image = batch["image"].to(torch.float32)
             labels.append(batch["labels"])
             present.append(batch["present"])
-            for seen, parts in by_regions.items():
-                parts.append(region_statistics(image, region_masks(batch["regions"], seen)))
+            for (seen, profile), parts in by_view.items():
+                parts.append(input_statistics(image, region_masks(batch["regions"], seen), seen, profile))
     y = torch.where(torch.cat(present).bool(), torch.cat(labels).double(), torch.tensor(float("nan"))).numpy()
     for m, heads in owners:
-        stats = torch.cat(by_regions[m.spec.regions]).double()
+        stats = torch.cat(by_view[_view(m)]).double()
         center, scale = stats.mean(0), stats.std(0, unbiased=False).clamp_min(1e-3)
         z = ((stats - center) / scale).numpy()
         with torch.no_grad():
@@ -137,6 +191,11 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
                     heads.linear[task].bias.fill_(bias - float(m.heads[task][-1].bias))
             heads.fitted.fill_(1.0)
     return len(owners)
+
+
+def _view(network: nn.Module) -> tuple[tuple[str, ...], bool]:
+    """What a network's statistics depend on: its regions and whether it reads the peritumoral profile."""
+    return network.spec.regions, bool(network.cfg.peritumoral_profile)
 
 
 KI67_FIT_RANGE = (0.01, 0.99)
