@@ -5,7 +5,8 @@ enhancement level, its spread and the peritumoral signal worse than plain region
 deviations of the input do (docs/paper-benchmark.md). These statistics have no parameters; they join
 the region-pooled features before the shared representation (`region_statistics`), and/or each task
 reads them through its own linear map started from a linear model of the training cases
-(`statistics_heads`, `StatisticsHeads`).
+(`statistics_heads`, `StatisticsHeads`). With `peritumoral_profile` they also include the image's mean in
+distance bands of the peritumoral shell (`peritumoral_profile`).
 """
 
 from __future__ import annotations
@@ -165,37 +166,42 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
     owners = unfitted_statistics_heads(model)
     if not owners or len(data) == 0:
         return 0
-    by_view: dict[tuple, list[torch.Tensor]] = {_view(m): [] for m, _ in owners}
+    # networks that see the same regions the same way read the same statistics: computed once per view
+    readers = {(m.spec.regions, m.cfg.peritumoral_profile): m for m, _ in owners}
+    by_view: dict[tuple, list[torch.Tensor]] = {view: [] for view in readers}
     labels, present = [], []
     with torch.no_grad():
         for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
             image = batch["image"].to(torch.float32)
             labels.append(batch["labels"])
             present.append(batch["present"])
-            for (seen, profile), parts in by_view.items():
-                parts.append(input_statistics(image, region_masks(batch["regions"], seen), seen, profile))
+            for view, reader in readers.items():
+                by_view[view].append(reader.input_statistics(image, region_masks(batch["regions"], view[0])))
     y = torch.where(torch.cat(present).bool(), torch.cat(labels).double(), torch.tensor(float("nan"))).numpy()
     for m, heads in owners:
-        stats = torch.cat(by_view[_view(m)]).double()
-        center, scale = stats.mean(0), stats.std(0, unbiased=False).clamp_min(1e-3)
-        z = ((stats - center) / scale).numpy()
+        stats = torch.cat(by_view[(m.spec.regions, m.cfg.peritumoral_profile)]).double().numpy()
+        center, scale, fits = linear_read_outs(stats, y, m.tasks, seed)
         with torch.no_grad():
-            heads.center.copy_(center)
-            heads.scale.copy_(scale)
-            for task in m.tasks:
-                fitted = _linear_fit(z, y[:, TASKS.index(task)], task, seed)
-                if fitted is not None:
-                    weight, bias = fitted
-                    heads.linear[task].weight.copy_(torch.as_tensor(weight).reshape(1, -1))
-                    # the deep head adds its own starting offset (Ki-67: the prior); the sum starts at the fit
-                    heads.linear[task].bias.fill_(bias - float(m.heads[task][-1].bias))
+            heads.center.copy_(torch.as_tensor(center))
+            heads.scale.copy_(torch.as_tensor(scale))
+            for task, (weight, bias) in fits.items():
+                heads.linear[task].weight.copy_(torch.as_tensor(weight).reshape(1, -1))
+                # the deep head adds its own starting offset (Ki-67: the prior); the sum starts at the fit
+                heads.linear[task].bias.fill_(bias - float(m.heads[task][-1].bias))
             heads.fitted.fill_(1.0)
     return len(owners)
 
 
-def _view(network: nn.Module) -> tuple[tuple[str, ...], bool]:
-    """What a network's statistics depend on: its regions and whether it reads the peritumoral profile."""
-    return network.spec.regions, bool(network.cfg.peritumoral_profile)
+def linear_read_outs(stats, labels, tasks: tuple[str, ...], seed: int = 0):
+    """(centre, scale, {task: (weights, intercept)}) of per-task linear models of `stats` [N, F] on the
+    standardised statistics; `labels` [N, 4] in TASKS order, NaN = missing. A task the cases cannot support
+    (too few, one class) is left out. What `fit_statistics_heads` starts the read-outs from."""
+    import numpy as np
+
+    center, scale = stats.mean(0), np.maximum(stats.std(0), 1e-3)
+    z = (stats - center) / scale
+    fits = {task: _linear_fit(z, labels[:, TASKS.index(task)], task, seed) for task in tasks}
+    return center, scale, {task: fit for task, fit in fits.items() if fit is not None}
 
 
 KI67_FIT_RANGE = (0.01, 0.99)

@@ -18,7 +18,7 @@ from fedsubtype import CLASSIFICATION_TASKS
 from fedsubtype.benchmarks.paper import _labels_of, split_external, statistics_features
 from fedsubtype.cache import PreprocessCache
 from fedsubtype.manifest import read_manifest
-from fedsubtype.model.region_stats import _linear_fit
+from fedsubtype.model.region_stats import linear_read_outs
 from fedsubtype.preprocess import PreprocessConfig
 from fedsubtype.radiomics import RadiomicsBaseline, feature_matrix
 from fedsubtype.splits import stratified_split
@@ -33,12 +33,8 @@ def _aucs(labels: np.ndarray, scores: np.ndarray) -> list[float]:
 
 def _read_out(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int) -> np.ndarray:
     """Test scores of the per-task logistic regressions the network's read-outs start from."""
-    centre, scale = x_train.mean(0), np.maximum(x_train.std(0), 1e-3)
-    scores = []
-    for j, task in enumerate(CLASSIFICATION_TASKS):
-        weight, bias = _linear_fit((x_train - centre) / scale, y_train[:, j], task, seed)
-        scores.append((x_test - centre) / scale @ weight + bias)
-    return np.stack(scores, 1)
+    centre, scale, fits = linear_read_outs(x_train, y_train, CLASSIFICATION_TASKS, seed)
+    return np.stack([(x_test - centre) / scale @ fits[t][0] + fits[t][1] for t in CLASSIFICATION_TASKS], 1)
 
 
 def main() -> None:
