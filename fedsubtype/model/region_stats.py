@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,12 +193,11 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
     return len(owners)
 
 
-def linear_read_outs(stats, labels, tasks: tuple[str, ...], seed: int = 0):
+def linear_read_outs(stats: np.ndarray, labels: np.ndarray, tasks: tuple[str, ...], seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, float]]]:
     """(centre, scale, {task: (weights, intercept)}) of per-task linear models of `stats` [N, F] on the
     standardised statistics; `labels` [N, 4] in TASKS order, NaN = missing. A task the cases cannot support
     (too few, one class) is left out. What `fit_statistics_heads` starts the read-outs from."""
-    import numpy as np
-
     center, scale = stats.mean(0), np.maximum(stats.std(0), 1e-3)
     z = (stats - center) / scale
     fits = {task: _linear_fit(z, labels[:, TASKS.index(task)], task, seed) for task in tasks}
