@@ -48,13 +48,13 @@ def free_port() -> int:
 def centralized_seconds(manifest: Path, sites: list[str], cache: Path, size: int, samples: int, batch: int,
                         lr: float, seed: int, threads: int) -> tuple[float, int]:
     """Train on the union of the sites' local training splits until `samples` samples were seen."""
-    from fedsubtype.dataset import CaseDataset
-    from fedsubtype.federated import SiteAlgo
+    from fedsubtype.data.dataset import CaseDataset
+    from fedsubtype.federation.site_algo import SiteAlgo
     from fedsubtype.model import ModelConfig, build_model
-    from fedsubtype.preprocess import PreprocessConfig
-    from fedsubtype.site_config import SiteConfig
-    from fedsubtype.cache import PreprocessCache
-    from fedsubtype.training import TrainConfig, fit, seed_everything
+    from fedsubtype.data.preprocess import PreprocessConfig
+    from fedsubtype.federation.site_config import SiteConfig
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.train.loop import TrainConfig, fit, seed_everything
 
     prep = PreprocessConfig(size=size)
     union = []
@@ -80,7 +80,7 @@ def site_threads(n_sites: int) -> int:
 
 def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, args) -> dict:
     """One federated run through the two commands; returns timings and rounds.json."""
-    from fedsubtype.credentials import create_dev_credentials
+    from fedsubtype.federation.credentials import create_dev_credentials
 
     creds = root / "creds"
     if not creds.exists():

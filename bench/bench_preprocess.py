@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, help="also save a PNG of the first cases' regions and model input")
     args = parser.parse_args(argv)
 
-    from fedsubtype import cache as cache_mod
-    from fedsubtype.cache import PreprocessCache
+    from fedsubtype.data import cache as cache_mod
+    from fedsubtype.data.cache import PreprocessCache
     from fedsubtype.configio import atomic_write_text
-    from fedsubtype.dataset import CaseDataset
-    from fedsubtype.manifest import read_manifest
+    from fedsubtype.data.dataset import CaseDataset
+    from fedsubtype.data.manifest import read_manifest
     from fedsubtype.phantom import generate_cohort
-    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.data.preprocess import PreprocessConfig
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
     cfg = PreprocessConfig(size=args.size)
@@ -104,9 +104,9 @@ def save_figure(cases: list, cfg, path: Path) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from fedsubtype.imageio import load_case_images
-    from fedsubtype.preprocess import preprocess_images
-    from fedsubtype.regions import body_mask, compute_regions
+    from fedsubtype.data.imageio import load_case_images
+    from fedsubtype.data.preprocess import preprocess_images
+    from fedsubtype.data.regions import body_mask, compute_regions
 
     fig, axes = plt.subplots(2, len(cases), figsize=(3.2 * len(cases), 6.6), squeeze=False)
     for col, case in enumerate(cases):

@@ -27,9 +27,9 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsubtype.configio import atomic_write_text  # noqa: E402
-from fedsubtype.imageio import write_image  # noqa: E402
-from fedsubtype.manifest import load_manifest  # noqa: E402
-from fedsubtype.validation import validate_cases  # noqa: E402
+from fedsubtype.data.imageio import write_image  # noqa: E402
+from fedsubtype.data.manifest import load_manifest  # noqa: E402
+from fedsubtype.data.validation import validate_cases  # noqa: E402
 
 
 def synthetic_cohort(folder: Path, n: int, seed: int = 0) -> Path:

@@ -1,1 +1,1 @@
-"""Flower ClientApp of fedsubtype (thin wiring to fedsubtype.federated.SiteAlgo)."""
+"""Flower ClientApp of fedsubtype (thin wiring to fedsubtype.federation.site_algo.SiteAlgo)."""

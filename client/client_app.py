@@ -1,4 +1,4 @@
-"""Flower ClientApp: Messages in, `fedsubtype.federated.SiteAlgo` calls, Messages out — nothing else.
+"""Flower ClientApp: Messages in, `fedsubtype.federation.site_algo.SiteAlgo` calls, Messages out — nothing else.
 
 The site's settings come from the SuperNode's node config (`site-config` = path to site.yaml), never from
 the coordinator. A reply carries the weights, one MetricRecord with exactly the allow-listed aggregate
@@ -15,11 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsubtype.errors import UserError
-from fedsubtype.federated import SiteAlgo
+from fedsubtype.federation.site_algo import SiteAlgo
 from fedsubtype.privacy.site import PrivacyBudgetExhausted
 from fedsubtype.privacy.site_level import site_level_clipping_mod
-from fedsubtype.site_config import load_site_config
-from fedsubtype.transport import LAYOUT_KEY, pack, unpack
+from fedsubtype.federation.site_config import load_site_config
+from fedsubtype.federation.transport import LAYOUT_KEY, pack, unpack
 
 SITE_CONFIG_KEY = "site-config"
 app = ClientApp(mods=[site_level_clipping_mod])  # a pass-through unless the round asks for site-level clipping

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from fedsubtype.errors import ConfigError
 
 T = TypeVar("T")
 

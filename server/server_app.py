@@ -23,10 +23,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from fedsubtype import __version__
 from fedsubtype.configio import from_dict, to_dict
-from fedsubtype.federation_config import FederationConfig
+from fedsubtype.federation.config import FederationConfig
 from fedsubtype.privacy.site_level import round_config_entries, wrap_strategy
-from fedsubtype.runstore import RoundRecord, RunStore, SiteResult
-from fedsubtype.transport import LAYOUT_KEY, layout_of, pack, unpack
+from fedsubtype.federation.runstore import RoundRecord, RunStore, SiteResult
+from fedsubtype.federation.transport import LAYOUT_KEY, layout_of, pack, unpack
 
 app = ServerApp()
 PROGRESS = "[fedsubtype]"
@@ -186,9 +186,9 @@ def _fmt(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
 
 def run_federation(grid: Grid, cfg: FederationConfig, resume: bool) -> Path:
     """All rounds with checkpoints; returns the final model path."""
-    from fedsubtype.federated import get_weights
+    from fedsubtype.federation.site_algo import get_weights
     from fedsubtype.model import build_model
-    from fedsubtype.training import seed_everything
+    from fedsubtype.train.loop import seed_everything
 
     store = RunStore(cfg.run_dir)
     strategy = make_strategy(cfg)

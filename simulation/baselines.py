@@ -29,7 +29,7 @@ class TrainedModel:
 
 def train_config(scen: Scenario, seed: int, epochs: int, threads: int | None = None) -> Any:
     """The scenario's TrainConfig for one run: its seed, its epochs, no early stopping (equal budgets)."""
-    from fedsubtype.training import TrainConfig
+    from fedsubtype.train.loop import TrainConfig
 
     cfg = from_dict(TrainConfig, copy.deepcopy(scen.training), "scenario.training")
     return replace(cfg, seed=seed, epochs=epochs, patience=None, progress=False, device="cpu",
@@ -52,7 +52,7 @@ def privacy_hook(scen: Scenario, n_train: int, epochs: int, batch_size: int, see
 def train_on(sites: list[str], cohort: Cohort, scen: Scenario, init_model: Any, seed: int,
              out_dir: Path, say: Callable[[str], None]) -> TrainedModel:
     """Train a copy of `init_model` on the union of `sites`' training splits, validating on their val splits."""
-    from fedsubtype.training import fit
+    from fedsubtype.train.loop import fit
 
     cfg = train_config(scen, seed, scen.federation.budget_epochs)
     train = cohort.dataset(cohort.split(sites, "train"))

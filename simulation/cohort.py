@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from fedsubtype.configio import from_dict
 from fedsubtype.errors import UserError
-from fedsubtype.manifest import Case, read_manifest
+from fedsubtype.data.manifest import Case, read_manifest
 
 from .partition import Partition, PartitionSpec, make_partition
 from .scenario import DataSpec, Scenario
@@ -52,7 +52,7 @@ class Cohort:
 
     def dataset(self, cases: list[Case]) -> Any:
         """A CaseDataset over the cache (augmentation is added by `training.fit` for training sets)."""
-        from fedsubtype.dataset import CaseDataset
+        from fedsubtype.data.dataset import CaseDataset
 
         return CaseDataset(cases, self.cache, augment=None)
 
@@ -69,14 +69,14 @@ class Cohort:
 
 def build_preprocess_config(scen: Scenario) -> Any:
     """The scenario's preprocessing settings as the library's PreprocessConfig."""
-    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.data.preprocess import PreprocessConfig
 
     return from_dict(PreprocessConfig, dict(scen.preprocess), "scenario.preprocess")
 
 
 def load_cohort(scen: Scenario, spec: PartitionSpec, say: Callable[[str], None] = print, warm: bool = True) -> Cohort:
     """Read (or generate) the manifest, partition it, and (when `warm`) preprocess every case into the cache once."""
-    from fedsubtype.cache import PreprocessCache
+    from fedsubtype.data.cache import PreprocessCache
 
     manifest = ensure_manifest(scen.data, say)
     cases = read_manifest(manifest)
@@ -100,7 +100,7 @@ def evaluate_everywhere(model: Any, cohort: Cohort, *, n_boot: int, seed: int,
     """Metrics of `model` on each site's test split and on the pooled test split, plus the pooled predictions."""
     import numpy as np
 
-    from fedsubtype.training import Predictions, predict_dataset, score_predictions
+    from fedsubtype.train.loop import Predictions, predict_dataset, score_predictions
 
     everything = [c for site in cohort.partition.sites for c in cohort.split([site], "test")]
     preds = predict_dataset(model, cohort.dataset(everything), batch_size=16, device=device)

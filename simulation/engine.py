@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from fedsubtype.configio import atomic_write_text, dump_yaml, from_dict, to_dict
 from fedsubtype.errors import UserError
-from fedsubtype.manifest import write_manifest
+from fedsubtype.data.manifest import write_manifest
 
 from .baselines import TrainedModel
 from .cohort import Cohort
@@ -68,7 +68,7 @@ class RunConfigServerApp:
 
 def federation_config(key: Any, scen: Scenario, n_sites: int, run_dir: Path, cohort: Cohort) -> Any:
     """The coordinator's FederationConfig for one run (the same schema `fedsubtype-server` reads)."""
-    from fedsubtype.federation_config import FederationConfig
+    from fedsubtype.federation.config import FederationConfig
     from fedsubtype.model import ModelConfig
 
     from .baselines import train_config
@@ -163,7 +163,7 @@ def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], i
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
-    from fedsubtype.checkpoint import load_model
+    from fedsubtype.train.checkpoint import load_model
     from server.server_app import app as server_app
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import numpy as np
 from fedsubtype import CLASSIFICATION_TASKS
 from fedsubtype.configio import atomic_write_text
 from fedsubtype.errors import ConfigError
-from fedsubtype.manifest import Case
+from fedsubtype.data.manifest import Case
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def _feature_bins(cases: Sequence[Case], spec: PartitionSpec) -> dict[str, str]:
 
 def _split_site(members: Sequence[Case], spec: PartitionSpec, seed: int) -> dict[str, str]:
     """Stratified train/val/test inside one site (the library's split, stratified on molecular subtype)."""
-    from fedsubtype.splits import stratified_split
+    from fedsubtype.data.splits import stratified_split
 
     if not spec.keep_manifest_split:
         members = [replace(c, split=None) for c in members]

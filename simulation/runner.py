@@ -68,7 +68,7 @@ def plan_runs(scen: Scenario, setting: str, sites: list[str]) -> list[RunKey]:
 def initial_model(scen: Scenario, seed: int) -> Any:
     """The same initial weights for every method of a seed."""
     from fedsubtype.model import ModelConfig, build_model
-    from fedsubtype.training import seed_everything
+    from fedsubtype.train.loop import seed_everything
 
     seed_everything(seed)  # as the ServerApp does before building the initial global model
     return build_model(from_dict(ModelConfig, copy.deepcopy(scen.model), "scenario.model"))

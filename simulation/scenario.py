@@ -198,7 +198,7 @@ class Scenario:
         data = to_dict(self)
         data.update(resolved_sections(self, "scenario"))  # library defaults count: a changed default changes runs
         from fedsubtype.model.config import LEGACY_DEFAULTS as MODEL_LEGACY
-        from fedsubtype.preprocess import LEGACY_DEFAULTS as PREPROCESS_LEGACY, PREPROCESS_VERSION
+        from fedsubtype.data.preprocess import LEGACY_DEFAULTS as PREPROCESS_LEGACY, PREPROCESS_VERSION
 
         for section, legacy in (("model", MODEL_LEGACY), ("preprocess", PREPROCESS_LEGACY)):
             for key, before in legacy.items():  # a key added later, at the value that reproduces the runs before it
@@ -215,9 +215,9 @@ class Scenario:
 
 
 SUB_CONFIGS: tuple[tuple[str, str, str], ...] = (
-    ("preprocess", "fedsubtype.preprocess", "PreprocessConfig"),
+    ("preprocess", "fedsubtype.data.preprocess", "PreprocessConfig"),
     ("model", "fedsubtype.model", "ModelConfig"),
-    ("training", "fedsubtype.training", "TrainConfig"),
+    ("training", "fedsubtype.train.loop", "TrainConfig"),
     ("privacy", "fedsubtype.privacy", "PrivacyConfig"),
 )
 """Pass-through sections and the library config class each must satisfy."""

@@ -15,7 +15,7 @@ from typing import Callable
 
 import yaml
 
-from fedsubtype.flowerproc import child_env
+from fedsubtype.federation.processes import child_env
 
 BIN = Path(sys.executable).parent
 TINY_MODEL = {"width": 8, "groups": 4, "feature_dim": 16, "hidden_dim": 16}
@@ -61,7 +61,7 @@ class Procs:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a child with everything it started (as a crash would), including Flower's own sessions."""
-        from fedsubtype.flowerproc import descendants
+        from fedsubtype.federation.processes import descendants
 
         proc = self.procs[name]
         below = descendants(proc.pid)
@@ -93,7 +93,7 @@ class Procs:
 
     def close(self) -> None:
         """SIGTERM every child's group and descendants, then SIGKILL what is left."""
-        from fedsubtype.flowerproc import descendants
+        from fedsubtype.federation.processes import descendants
 
         below: list[int] = []
         for name in list(self.procs):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fedsubtype.cache import PreprocessCache, content_hash
+from fedsubtype.data.cache import PreprocessCache, content_hash
 from fedsubtype.configio import atomic_write_bytes
 from fedsubtype.errors import ImageReadError, UserError
-from fedsubtype.manifest import Case
-from fedsubtype.preprocess import PreprocessConfig
+from fedsubtype.data.manifest import Case
+from fedsubtype.data.preprocess import PreprocessConfig
 
 CFG = PreprocessConfig(size=16, margin_mm=2.0)
 
@@ -88,7 +88,7 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, caplog, damage):
     else:
         blob = bytearray(b"not a cache entry at all")
     path.write_bytes(bytes(blob))
-    with caplog.at_level(logging.WARNING, logger="fedsubtype.cache"):
+    with caplog.at_level(logging.WARNING, logger="fedsubtype.data.cache"):
         again, status = cache.fetch(case)
     assert status == "rebuilt"
     assert "damaged cache entry" in caplog.text and case.case_id in caplog.text

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fedsubtype import __version__
-from fedsubtype.checkpoint import FORMAT_VERSION, load_model, read_bundle, save_model
+from fedsubtype.train.checkpoint import FORMAT_VERSION, load_model, read_bundle, save_model
 from fedsubtype.errors import ModelFileError
 from fedsubtype.model import ModelConfig, build_model
-from fedsubtype.preprocess import PreprocessConfig
+from fedsubtype.data.preprocess import PreprocessConfig
 
 S = 16
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fedsubtype.cli import main
-from fedsubtype.manifest import read_manifest, write_manifest
+from fedsubtype.data.manifest import read_manifest, write_manifest
 
 TINY_MODEL = {"width": 8, "groups": 4, "feature_dim": 16, "hidden_dim": 16}
 METRIC_KEYS = {"er", "pr", "her2", "ki67", "mean_auc", "subtype"}
@@ -82,7 +82,7 @@ def test_train_writes_every_output(run_dir: Path, manifest) -> None:
 
 
 def test_model_file_carries_what_evaluate_needs(run_dir: Path) -> None:
-    from fedsubtype.checkpoint import load_model
+    from fedsubtype.train.checkpoint import load_model
 
     _, bundle = load_model(run_dir / "model.pt")
     assert bundle.preprocess_config.size == 16 and bundle.model_config.width == 8
@@ -175,7 +175,7 @@ def test_documented_config_lists_every_key_with_its_default() -> None:
     import dataclasses
 
     from fedsubtype.configio import to_dict
-    from fedsubtype.train_config import RunConfig, load_run_config
+    from fedsubtype.train.run_config import RunConfig, load_run_config
 
     path = Path(__file__).parents[1] / "configs" / "train_default.yaml"
     documented = to_dict(load_run_config(path))
@@ -190,7 +190,7 @@ def test_documented_config_lists_every_key_with_its_default() -> None:
 
 
 def test_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    from fedsubtype.train_config import load_run_config
+    from fedsubtype.train.run_config import load_run_config
 
     (tmp_path / "cfg").mkdir()
     path = tmp_path / "cfg" / "run.yaml"

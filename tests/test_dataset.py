@@ -10,12 +10,12 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from fedsubtype.augment import build_augmentation
-from fedsubtype.cache import PreprocessCache
-from fedsubtype.dataset import CaseDataset
+from fedsubtype.data.augment import build_augmentation
+from fedsubtype.data.cache import PreprocessCache
+from fedsubtype.data.dataset import CaseDataset
 from fedsubtype.errors import ConfigError
-from fedsubtype.manifest import Case, read_manifest
-from fedsubtype.preprocess import PreprocessConfig
+from fedsubtype.data.manifest import Case, read_manifest
+from fedsubtype.data.preprocess import PreprocessConfig
 
 CFG = PreprocessConfig(size=16, margin_mm=2.0)
 

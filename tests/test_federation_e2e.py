@@ -25,7 +25,7 @@ ALL_SITES = ["site1", "site2", "site3"]
 @pytest.fixture(scope="module")
 def setup(phantom_cohort, tmp_path_factory):
     """Credentials for the three phantom sites plus an unregistered 'intruder', and a shared warm cache."""
-    from fedsubtype.credentials import create_dev_credentials
+    from fedsubtype.federation.credentials import create_dev_credentials
 
     root = tmp_path_factory.mktemp("federation")
     manifest = manifest_of(phantom_cohort)

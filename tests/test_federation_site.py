@@ -30,8 +30,8 @@ def site_file(phantom_cohort, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def algo(site_file):
-    from fedsubtype.federated import SiteAlgo
-    from fedsubtype.site_config import load_site_config
+    from fedsubtype.federation.site_algo import SiteAlgo
+    from fedsubtype.federation.site_config import load_site_config
 
     return SiteAlgo(load_site_config(site_file)).initialize()
 
@@ -39,7 +39,7 @@ def algo(site_file):
 def _global_weights():
     import torch
 
-    from fedsubtype.federated import get_weights
+    from fedsubtype.federation.site_algo import get_weights
     from fedsubtype.model import ModelConfig, build_model
 
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def _global_weights():
 
 
 def test_site_lifecycle(algo):
-    from fedsubtype.federated import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
+    from fedsubtype.federation.site_algo import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
 
     assert all(c.site == "site1" for c in algo.cases)
     assert len(algo.splits["train"]) + len(algo.splits["val"]) == len(algo.cases)
@@ -67,7 +67,7 @@ def test_site_lifecycle(algo):
 def test_statistics_heads_are_fitted_by_the_site_in_the_first_round_only(algo):
     import torch
 
-    from fedsubtype.federated import get_weights
+    from fedsubtype.federation.site_algo import get_weights
     from fedsubtype.model import ModelConfig, build_model
 
     wide = {**TINY_MODEL, "statistics_heads": True}
@@ -87,7 +87,7 @@ def test_statistics_heads_are_fitted_by_the_site_in_the_first_round_only(algo):
 
 
 def test_local_norm_keeps_the_sites_normalisation(algo):
-    from fedsubtype.federated import norm_parameter_names
+    from fedsubtype.federation.site_algo import norm_parameter_names
 
     w0 = _global_weights()
     cfg = {**ROUND, "local-norm": True}
@@ -96,7 +96,7 @@ def test_local_norm_keeps_the_sites_normalisation(algo):
     norms = norm_parameter_names(algo._model)
     local_after_round1 = {k: w for k, w in zip(names, w1) if k in norms}
     # next round: the global norm parameters are replaced by the site's own before training
-    model, _ = algo._prepare([w * 0 for w in w0], __import__("fedsubtype.federated", fromlist=["x"]).RoundSettings.from_config(cfg))
+    model, _ = algo._prepare([w * 0 for w in w0], __import__("fedsubtype.federation.site_algo", fromlist=["x"]).RoundSettings.from_config(cfg))
     state = model.state_dict()
     for k, w in local_after_round1.items():
         assert np.array_equal(state[k].numpy(), w)
@@ -129,8 +129,8 @@ def test_clientapp_replies_carry_only_weights_and_aggregates(site_file, algo):
     from flwr.supercore.task_identity import TaskIdentity
 
     from client.client_app import app
-    from fedsubtype.federated import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
-    from fedsubtype.transport import LAYOUT_KEY, layout_of, pack, unpack
+    from fedsubtype.federation.site_algo import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
+    from fedsubtype.federation.transport import LAYOUT_KEY, layout_of, pack, unpack
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
     ctx = Context(run_id=1, node_id=7, node_config={"site-config": str(site_file)}, state=RecordDict(), run_config={})
@@ -176,14 +176,14 @@ def test_clientapp_errors_leave_no_site_details(site_file, tmp_path):
 
 def test_a_new_process_reuses_the_remembered_split(site_file, algo, monkeypatch):
     """A ClientApp process per message must find the same split without recomputing it (nor importing sklearn)."""
-    import fedsubtype.splits
-    from fedsubtype.federated import SiteAlgo
-    from fedsubtype.site_config import load_site_config
+    import fedsubtype.data.splits
+    from fedsubtype.federation.site_algo import SiteAlgo
+    from fedsubtype.federation.site_config import load_site_config
 
     def refuse(*args, **kwargs):
         raise AssertionError("the split was recomputed")
 
-    monkeypatch.setattr(fedsubtype.splits, "stratified_split", refuse)
+    monkeypatch.setattr(fedsubtype.data.splits, "stratified_split", refuse)
     again = SiteAlgo(load_site_config(site_file)).initialize()
     assert {k: [c.case_id for c in v] for k, v in again.splits.items()} == \
         {k: [c.case_id for c in v] for k, v in algo.splits.items()}
@@ -197,8 +197,8 @@ def test_a_new_process_reuses_the_remembered_split(site_file, algo, monkeypatch)
 
 def test_a_clientapp_process_reads_the_cache_lazily(site_file, algo, tmp_path):
     """initialize(warm=False) touches no cache entry up front; the ones needed are built when first read."""
-    from fedsubtype.federated import SiteAlgo
-    from fedsubtype.site_config import load_site_config
+    from fedsubtype.federation.site_algo import SiteAlgo
+    from fedsubtype.federation.site_config import load_site_config
 
     site = load_site_config(site_file)
     site.cache = tmp_path / "fresh-cache"

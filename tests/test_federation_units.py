@@ -22,7 +22,7 @@ def test_dev_credentials_chain_and_site_keys(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fedsubtype.credentials import check_public_key_file, create_dev_credentials
+    from fedsubtype.federation.credentials import check_public_key_file, create_dev_credentials
 
     paths = create_dev_credentials(tmp_path / "c", ["a", "b"], ["localhost", "127.0.0.1"])
     ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
@@ -53,8 +53,8 @@ def test_credentials_cli_writes_the_files(tmp_path, capsys):
 
 # ------------------------------------------------------------------ site.yaml / federation.yaml
 def test_site_templates_and_examples_load():
-    from fedsubtype.federation_config import load_federation_config
-    from fedsubtype.site_config import load_site_config
+    from fedsubtype.federation.config import load_federation_config
+    from fedsubtype.federation.site_config import load_site_config
 
     for name in ("site.template.yaml", "site1.yaml", "site2.yaml", "site3.yaml"):
         cfg = load_site_config(REPO / "site_configs" / name)
@@ -73,7 +73,7 @@ def test_site_templates_and_examples_load():
     ("name: a\n", "manifest"),
 ])
 def test_site_file_errors_name_the_key(tmp_path, text, key):
-    from fedsubtype.site_config import load_site_config
+    from fedsubtype.federation.site_config import load_site_config
 
     path = tmp_path / "site.yaml"
     path.write_text(text, encoding="utf-8")
@@ -83,7 +83,7 @@ def test_site_file_errors_name_the_key(tmp_path, text, key):
 
 
 def test_site_paths_resolve_against_the_site_file(tmp_path):
-    from fedsubtype.site_config import load_site_config
+    from fedsubtype.federation.site_config import load_site_config
 
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "site.yaml"
@@ -95,7 +95,7 @@ def test_site_paths_resolve_against_the_site_file(tmp_path):
 
 
 def test_federation_file_checks(tmp_path):
-    from fedsubtype.federation_config import load_federation_config
+    from fedsubtype.federation.config import load_federation_config
 
     path = tmp_path / "f.yaml"
     path.write_text(yaml.safe_dump({"sites": [{"name": "a", "public_key": "a.pub"}], "min_sites": 2}), encoding="utf-8")
@@ -141,7 +141,7 @@ def test_client_failure_reasons():
 
 
 def test_superlink_unreachable_is_one_clear_error():
-    from fedsubtype.flowerproc import wait_for_port
+    from fedsubtype.federation.processes import wait_for_port
 
     import socket
 
@@ -162,7 +162,7 @@ def _tiny_model():
 def test_weights_round_trip_and_local_norm():
     import torch
 
-    from fedsubtype.federated import get_weights, norm_parameter_names, set_weights
+    from fedsubtype.federation.site_algo import get_weights, norm_parameter_names, set_weights
 
     torch.manual_seed(0)
     a, b = _tiny_model(), _tiny_model()
@@ -183,7 +183,7 @@ def test_weights_round_trip_and_local_norm():
 
 
 def test_round_settings_refuse_privacy_overrides():
-    from fedsubtype.federated import RoundSettings
+    from fedsubtype.federation.site_algo import RoundSettings
 
     s = RoundSettings.from_config({"server-round": 3, "local-steps": 0, "proximal-mu": 0.1, "lr": 0.01})
     assert (s.server_round, s.local_steps, s.proximal_mu, s.lr) == (3, None, 0.1, 0.01)
@@ -192,7 +192,7 @@ def test_round_settings_refuse_privacy_overrides():
 
 
 def test_check_metrics_is_an_exact_allow_list():
-    from fedsubtype.federated import TRAIN_METRIC_KEYS, check_metrics
+    from fedsubtype.federation.site_algo import TRAIN_METRIC_KEYS, check_metrics
 
     good = {k: 1.0 for k in TRAIN_METRIC_KEYS}
     assert check_metrics(good, TRAIN_METRIC_KEYS) == good
@@ -202,11 +202,11 @@ def test_check_metrics_is_an_exact_allow_list():
 
 # ------------------------------------------------------------------ run folder
 def test_runstore_metrics_checkpoints_and_final_model(tmp_path):
-    from fedsubtype.checkpoint import load_model
-    from fedsubtype.federated import get_weights
+    from fedsubtype.train.checkpoint import load_model
+    from fedsubtype.federation.site_algo import get_weights
     from fedsubtype.model import ModelConfig
-    from fedsubtype.preprocess import PreprocessConfig
-    from fedsubtype.runstore import RoundRecord, RunStore, SiteResult
+    from fedsubtype.data.preprocess import PreprocessConfig
+    from fedsubtype.federation.runstore import RoundRecord, RunStore, SiteResult
 
     store = RunStore(tmp_path / "run")
     for rnd in (1, 2):
@@ -257,7 +257,7 @@ def test_nan_aware_aggregation():
 def test_strategies_are_built_from_the_config():
     from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
-    from fedsubtype.federation_config import FederationConfig
+    from fedsubtype.federation.config import FederationConfig
     from server.server_app import make_strategy, round_config
 
     for name, cls in (("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)):
@@ -270,7 +270,7 @@ def test_strategies_are_built_from_the_config():
 
 
 def test_sparse_evaluation_always_scores_the_last_round():
-    from fedsubtype.federation_config import FederationConfig
+    from fedsubtype.federation.config import FederationConfig
     from server.server_app import evaluates_after
 
     every = FederationConfig(rounds=5)
@@ -337,7 +337,7 @@ def test_replies_are_aggregated_in_a_fixed_order_whatever_their_arrival(tmp_path
     from flwr.serverapp.strategy import FedAvg
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedsubtype.federation_config import FederationConfig
+    from fedsubtype.federation.config import FederationConfig
     from server.server_app import _phase
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
@@ -369,7 +369,7 @@ def test_replies_are_aggregated_in_a_fixed_order_whatever_their_arrival(tmp_path
 
 
 def test_weights_travel_as_one_packed_array():
-    from fedsubtype.transport import layout_of, pack, unpack
+    from fedsubtype.federation.transport import layout_of, pack, unpack
 
     rng = np.random.default_rng(0)
     arrays = [rng.normal(size=s).astype(np.float32) for s in [(4, 3, 3, 3, 3), (4,), (2, 4), ()]]

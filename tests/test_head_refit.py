@@ -24,7 +24,7 @@ def trained_folder(phantom_cohort: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_refit_reports_the_trained_auc_and_a_refitted_one(trained_folder: Path, capsys) -> None:
-    from fedsubtype.benchmarks.head_refit import main as refit_main
+    from research.head_refit import main as refit_main
 
     assert refit_main([str(trained_folder)]) == 0
     assert "refitted heads" in capsys.readouterr().out
@@ -41,13 +41,13 @@ def test_refit_reports_the_trained_auc_and_a_refitted_one(trained_folder: Path, 
 def test_frozen_features_are_the_representation_and_the_region_statistics(trained_folder: Path) -> None:
     import torch
 
-    from fedsubtype.benchmarks.head_refit import frozen_features
-    from fedsubtype.cache import PreprocessCache
+    from research.head_refit import frozen_features
+    from fedsubtype.data.cache import PreprocessCache
     from fedsubtype.configio import from_dict
-    from fedsubtype.manifest import read_manifest
+    from fedsubtype.data.manifest import read_manifest
     from fedsubtype.model import ModelConfig, build_model
     from fedsubtype.model.region_stats import STATS_PER_REGION
-    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.data.preprocess import PreprocessConfig
 
     cfg = yaml.safe_load((trained_folder / "config.yaml").read_text(encoding="utf-8"))
     model = build_model(from_dict(ModelConfig, cfg["model"]))
@@ -59,7 +59,7 @@ def test_frozen_features_are_the_representation_and_the_region_statistics(traine
 
 
 def test_a_folder_without_trained_networks_is_a_one_line_error(tmp_path: Path, capsys) -> None:
-    from fedsubtype.benchmarks.head_refit import main as refit_main
+    from research.head_refit import main as refit_main
 
     (tmp_path / "config.yaml").write_text("model: {}\n", encoding="utf-8")
     assert refit_main([str(tmp_path)]) == 1
@@ -70,9 +70,9 @@ def test_a_folder_without_trained_networks_is_a_one_line_error(tmp_path: Path, c
 
 
 def test_read_out_share_splits_each_logit_into_read_out_and_deep_path(trained_folder: Path, capsys) -> None:
-    from fedsubtype.benchmarks.head_refit import trained_runs
-    from fedsubtype.benchmarks.read_out_share import logit_parts
-    from fedsubtype.benchmarks.read_out_share import main as share_main
+    from research.head_refit import trained_runs
+    from research.read_out_share import logit_parts
+    from research.read_out_share import main as share_main
 
     run = next(trained_runs(trained_folder))
     parts = logit_parts(run)

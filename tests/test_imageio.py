@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from broken_cases import make_image, make_mask, write_dicom_series
 from fedsubtype.errors import ImageReadError
-from fedsubtype.imageio import (choose_dicom_series, grid_differences, list_dicom_series, load_case_images,
+from fedsubtype.data.imageio import (choose_dicom_series, grid_differences, list_dicom_series, load_case_images,
                                 read_image, read_image_noted, write_image)
-from fedsubtype.manifest import Case
+from fedsubtype.data.manifest import Case
 
 OBLIQUE = tuple(sitk.VersorTransform((0.1, 0.2, 0.9), 0.4).GetMatrix())  # a right-handed rotation
 
@@ -80,7 +80,7 @@ def test_folder_with_two_series_is_read_deliberately(tmp_path, caplog):
     write_dicom_series(make_image(size=(20, 22, 6), seed=1), folder, series_uid=small, description="localizer")
     write_dicom_series(make_image(size=(20, 22, 12), seed=2), folder, series_uid=big)
     assert [s.uid for s in list_dicom_series(folder)] == [big, small]
-    with caplog.at_level(logging.INFO, logger="fedsubtype.imageio"):
+    with caplog.at_level(logging.INFO, logger="fedsubtype.data.imageio"):
         img = read_image(folder)
     assert img.GetSize() == (20, 22, 12)
     assert any(big in r.message and "largest of 2 series" in r.message and r.levelno == logging.WARNING

@@ -13,9 +13,9 @@ from openpyxl import Workbook
 from broken_cases import make_image, make_mask
 from fedsubtype.cli import main
 from fedsubtype.errors import UserError
-from fedsubtype.importers import import_mama_mia
-from fedsubtype.importers.mama_mia import parse_status
-from fedsubtype.manifest import read_manifest
+from fedsubtype.data.importers import import_mama_mia
+from fedsubtype.data.importers.mama_mia import parse_status
+from fedsubtype.data.manifest import read_manifest
 
 COLUMNS = ["patient_id", "dataset", "age", "er", "pr", "her2", "hr", "tumor_subtype", "field_strength",
            "manufacturer", "scanner_model", "site"]

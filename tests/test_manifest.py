@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedsubtype.errors import ManifestError
-from fedsubtype.manifest import REQUIRED_COLUMNS, Case, load_manifest, read_manifest, write_manifest
+from fedsubtype.data.manifest import REQUIRED_COLUMNS, Case, load_manifest, read_manifest, write_manifest
 
 HEADER = ",".join(REQUIRED_COLUMNS)
 

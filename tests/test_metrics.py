@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from fedsubtype.metrics import (SUBTYPES, SubtypeRules, auc_with_ci, brier, compute_metrics, delong_test, ece,
+from fedsubtype.evaluate.metrics import (SUBTYPES, SubtypeRules, auc_with_ci, brier, compute_metrics, delong_test, ece,
                                 ki67_metrics, subtype_from_biomarkers, subtype_metrics)
 
 
@@ -33,7 +33,7 @@ def test_auc_matches_sklearn_and_ci_contains_it() -> None:
 
 
 def test_bootstrap_auc_replicates_match_sklearn() -> None:
-    from fedsubtype.metrics import _auc_rows
+    from fedsubtype.evaluate.metrics import _auc_rows
     rng = np.random.default_rng(3)
     pos, neg = rng.integers(0, 5, (4, 7)).astype(float), rng.integers(0, 5, (4, 9)).astype(float)  # with ties
     for k in range(4):

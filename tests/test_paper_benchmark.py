@@ -66,11 +66,11 @@ def test_statistics_row_reads_the_networks_own_region_statistics(phantom_cohort:
     import torch
 
     from fedsubtype.benchmarks.paper import statistics_features
-    from fedsubtype.cache import PreprocessCache
-    from fedsubtype.manifest import read_manifest
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.data.manifest import read_manifest
     from fedsubtype.model.region_stats import PROFILE_STATS, STATS_PER_REGION, peritumoral_profile, region_statistics
     from fedsubtype.model.regions_pool import region_masks
-    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.data.preprocess import PreprocessConfig
 
     out = tmp_path / "stats"
     assert main(["benchmark", "paper", "--manifest", str(phantom_cohort), "--out", str(out), "--cache",
@@ -117,7 +117,7 @@ def test_impossible_learning_rate_is_a_one_line_error(phantom_cohort: Path, tmp_
 def test_a_folder_from_before_tumour_range_is_not_resumed_with_it(tmp_path: Path) -> None:
     from fedsubtype.benchmarks.paper import _check_same_settings
     from fedsubtype.configio import to_dict
-    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.data.preprocess import PreprocessConfig
 
     old = to_dict(PreprocessConfig(size=32))
     del old["keep_tumour_range"]  # written by the code before the setting existed (it clipped the tumour)
@@ -130,7 +130,7 @@ def test_a_folder_from_before_tumour_range_is_not_resumed_with_it(tmp_path: Path
 def test_a_folder_from_before_weight_averaging_and_refit_is_not_resumed_with_them(tmp_path: Path) -> None:
     from fedsubtype.benchmarks.paper import _check_same_settings
     from fedsubtype.configio import to_dict
-    from fedsubtype.training import TrainConfig
+    from fedsubtype.train.loop import TrainConfig
 
     old = to_dict(TrainConfig(epochs=12))
     del old["ema_decay"]  # written before either setting existed

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedsubtype.errors import ConfigError
-from fedsubtype.manifest import Case
+from fedsubtype.data.manifest import Case
 from simulation.partition import PartitionSpec, make_partition, read_partition_csv, subtype_key, thin_site_warnings
 
 

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from fedsubtype.cli import main as cli_main
 from fedsubtype.errors import UserError
-from fedsubtype.manifest import read_manifest
+from fedsubtype.data.manifest import read_manifest
 from fedsubtype.phantom import cohort as cohort_mod
 from fedsubtype.phantom import generate_cohort, sample_labels
 from fedsubtype.phantom.biology import SEER_GROUP_PREVALENCE, SiteBiology, sample_biology

@@ -12,8 +12,8 @@ import SimpleITK as sitk
 import torch
 
 from fedsubtype.cli import main
-from fedsubtype.manifest import read_manifest
-from fedsubtype.metrics import SUBTYPES
+from fedsubtype.data.manifest import read_manifest
+from fedsubtype.evaluate.metrics import SUBTYPES
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,9 @@ def test_cohort_mode_writes_one_row_per_case(trained_model, phantom_cohort, tmp_
 
 def test_explanations_change_when_weights_are_shuffled(trained_model, phantom_cohort):
     """Randomisation sanity check (Adebayo et al. 2018): explanations must depend on the learned weights."""
-    from fedsubtype.checkpoint import load_model
-    from fedsubtype.predict import run_model
-    from fedsubtype.preprocess import preprocess_case
+    from fedsubtype.train.checkpoint import load_model
+    from fedsubtype.inference.predict import run_model
+    from fedsubtype.data.preprocess import preprocess_case
 
     model, bundle = load_model(trained_model)
     case = read_manifest(phantom_cohort)[2]
@@ -145,10 +145,10 @@ def test_attention_check_needs_a_phantom(trained_model, tmp_path, capsys):
 
 def test_a_model_file_written_by_a_federation_predicts_and_gets_a_card(phantom_cohort, tmp_path, capsys):
     """The coordinator's RunStore writes model.pt; predict and model-card take it unchanged."""
-    from fedsubtype.federated import get_weights
+    from fedsubtype.federation.site_algo import get_weights
     from fedsubtype.model import ModelConfig, build_model
-    from fedsubtype.preprocess import PreprocessConfig
-    from fedsubtype.runstore import RunStore
+    from fedsubtype.data.preprocess import PreprocessConfig
+    from fedsubtype.federation.runstore import RunStore
 
     model_cfg, prep_cfg = ModelConfig(width=8, groups=4, feature_dim=32, hidden_dim=32), PreprocessConfig(size=16)
     fixed = {"value": 0.5, "method": "fixed (federated: per-case validation predictions stay at the sites)"}

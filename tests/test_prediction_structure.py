@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedsubtype.benchmarks.prediction_structure import latent_profile, main, output_correlations
+from research.prediction_structure import latent_profile, main, output_correlations
 
 
 def _write(folder: Path, row: str, seed: int, frame: pd.DataFrame) -> None:

@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from fedsubtype.configio import from_dict
 from fedsubtype.errors import ConfigError, UserError
-from fedsubtype.manifest import Case
-from fedsubtype.preprocess import PreprocessConfig, preprocess_case, preprocess_images, to_image_grid
-from fedsubtype.regions import compute_regions
+from fedsubtype.data.manifest import Case
+from fedsubtype.data.preprocess import PreprocessConfig, preprocess_case, preprocess_images, to_image_grid
+from fedsubtype.data.regions import compute_regions
 
 SMALL = PreprocessConfig(size=24)
 

@@ -82,7 +82,7 @@ def test_given_noise_that_covers_only_some_rounds_is_planned_and_said():
 
 
 def _site_with_manifest(tmp_path, privacy, cases=20):
-    from fedsubtype.site_config import SiteConfig
+    from fedsubtype.federation.site_config import SiteConfig
 
     rows = ["case_id,image,mask,site,er,pr,her2,ki67"]
     rows += [f"c{i},img{i}.nii.gz,mask{i}.nii.gz,A,1,0,1,20" for i in range(cases)]

@@ -1,4 +1,4 @@
-"""DP-SGD with real Opacus through `fedsubtype.training.fit` and through a site's SiteAlgo rounds."""
+"""DP-SGD with real Opacus through `fedsubtype.train.loop.fit` and through a site's SiteAlgo rounds."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fedsubtype.model import ModelConfig, build_model
 from fedsubtype.privacy import PrivacyConfig
 from fedsubtype.privacy.accounting import epsilon_for, make_plan
 from fedsubtype.privacy.engine import OpacusPrivacy, check_model
-from fedsubtype.training import TrainConfig, fit
+from fedsubtype.train.loop import TrainConfig, fit
 
 TINY = ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16)
 SIZE = 16
@@ -88,7 +88,7 @@ def test_dp_round_respects_its_step_cap_and_counts_empty_draws():
 
 
 def test_dp_and_plain_sites_send_interchangeable_weights():
-    from fedsubtype.federated import get_weights
+    from fedsubtype.federation.site_algo import get_weights
 
     cfg = TrainConfig(epochs=1, batch_size=8, augment=False, progress=False, device="cpu", patience=None)
     torch.manual_seed(0)
@@ -107,10 +107,10 @@ def test_dp_and_plain_sites_send_interchangeable_weights():
 def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_cohort, tmp_path, eps):
     """SiteAlgo with privacy on: ε grows over rounds in one ledger, survives a restart, the site declines at the end."""
     from fedsubtype.configio import to_dict
-    from fedsubtype.federated import SiteAlgo, get_weights
-    from fedsubtype.preprocess import PreprocessConfig
+    from fedsubtype.federation.site_algo import SiteAlgo, get_weights
+    from fedsubtype.data.preprocess import PreprocessConfig
     from fedsubtype.privacy.site import PrivacyBudgetExhausted
-    from fedsubtype.site_config import SiteConfig
+    from fedsubtype.federation.site_config import SiteConfig
 
     import csv
 

@@ -107,7 +107,7 @@ def test_federation_yaml_section_wraps_the_servers_strategy_and_tells_sites_to_c
     from flwr.serverapp import strategy as fs
 
     from fedsubtype.configio import from_dict
-    from fedsubtype.federation_config import FederationConfig
+    from fedsubtype.federation.config import FederationConfig
     from server.server_app import make_strategy, round_config
 
     plain = from_dict(FederationConfig, {"strategy": "fedavg"})

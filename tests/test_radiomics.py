@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 pytest.importorskip("mirp", reason="radiomics extra not installed: pip install 'fedsubtype[radiomics]'")
 
-from fedsubtype.imageio import write_image  # noqa: E402
-from fedsubtype.manifest import Case  # noqa: E402
-from fedsubtype.radiomics import RadiomicsBaseline, RadiomicsConfig, extract_case_features, feature_matrix  # noqa: E402
+from fedsubtype.data.imageio import write_image  # noqa: E402
+from fedsubtype.data.manifest import Case  # noqa: E402
+from fedsubtype.evaluate.radiomics import RadiomicsBaseline, RadiomicsConfig, extract_case_features, feature_matrix  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from fedsubtype.errors import UserError
-from fedsubtype.regions import body_mask, compute_regions, region_volumes_ml
+from fedsubtype.data.regions import body_mask, compute_regions, region_volumes_ml
 
 
 def synthetic_volume(spacing, semi_axes, *, size_mm=64.0, centre_mm=None, air_beyond_x_mm=None, seed=0):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fedsubtype.errors import ConfigError, UserError
-from fedsubtype.manifest import Case
-from fedsubtype.splits import cohort_summary, stratified_split, stratum_of, write_split_csv
+from fedsubtype.data.manifest import Case
+from fedsubtype.data.splits import cohort_summary, stratified_split, stratum_of, write_split_csv
 
 
 def _cohort(n: int = 200, seed: int = 3, split: bool = False) -> list[Case]:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from fedsubtype.errors import ConfigError
 from fedsubtype.model import ModelConfig, build_model
-from fedsubtype.training import (
+from fedsubtype.train.loop import (
     Predictions,
     TrainConfig,
     choose_thresholds,
@@ -139,7 +139,7 @@ def test_early_stopping_restores_best_weights(data) -> None:
     assert len(res.history) == 3 and res.best_epoch == 1
     best = res.history[0]
     preds = predict_dataset(res.model, val, device="cpu")
-    from fedsubtype.metrics import compute_metrics
+    from fedsubtype.evaluate.metrics import compute_metrics
 
     again = compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=0, seed=0)
     assert again["mean_auc"] == pytest.approx(best["val_mean_auc"])
@@ -184,7 +184,7 @@ def test_weight_average_is_what_is_validated_and_selected(data) -> None:
     assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in plain.history]  # same trajectory
     assert [r["val_loss"] for r in res.history] != [r["val_loss"] for r in plain.history]  # scored on the average
     preds = predict_dataset(res.model, val, device="cpu")
-    from fedsubtype.metrics import compute_metrics
+    from fedsubtype.evaluate.metrics import compute_metrics
 
     again = compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=0, seed=0)
     assert again["mean_auc"] == pytest.approx(res.best_val["val_mean_auc"])

@@ -9,8 +9,8 @@ import pytest
 
 from broken_cases import CORPUS, build_corpus
 from fedsubtype.cli import main
-from fedsubtype.manifest import load_manifest
-from fedsubtype.validation import validate_case, validate_cases, validate_manifest
+from fedsubtype.data.manifest import load_manifest
+from fedsubtype.data.validation import validate_case, validate_cases, validate_manifest
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import REGION_LABELS
-from ..configio import atomic_write_text
-from ..errors import UserError
+from fedsubtype import REGION_LABELS
+from fedsubtype.configio import atomic_write_text
+from fedsubtype.errors import UserError
 
 EVIDENCE: tuple[tuple[str, str], ...] = (
     ("oedema", "peritumoral"),
@@ -33,10 +33,10 @@ def case_attention(model, bundle, cases: Sequence, cache_dir: Path | None) -> li
     """Attention shares and region volume fractions per case, on the model grid."""
     from tqdm.auto import tqdm
 
-    from ..cache import PreprocessCache
-    from ..explain import attention_shares
-    from ..predict import run_model
-    from ..preprocess import preprocess_case
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.inference.explain import attention_shares
+    from fedsubtype.inference.predict import run_model
+    from fedsubtype.data.preprocess import preprocess_case
 
     cache = PreprocessCache(cache_dir, bundle.preprocess_config) if cache_dir else None
     rows = []
@@ -79,8 +79,8 @@ def evidence_table(rows: list[dict[str, Any]], latents: dict[str, dict[str, floa
 def run_attention_benchmark(model_path: Path, manifest: Path, out: Path, *, case_ids: Sequence[str] | None = None,
                             cache_dir: Path | None = None) -> dict[str, Any]:
     """Measure attention-in-evidence on the cases of a phantom cohort (optionally a subset, e.g. a test split)."""
-    from ..checkpoint import load_model
-    from ..manifest import read_manifest
+    from fedsubtype.train.checkpoint import load_model
+    from fedsubtype.data.manifest import read_manifest
 
     latents_csv = Path(manifest).parent / "latents.csv"
     if not latents_csv.is_file():

@@ -20,14 +20,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .. import CLASSIFICATION_TASKS, TASKS
-from ..configio import atomic_write_text, dump_yaml, to_dict
-from ..errors import UserError
-from ..manifest import Case
-from ..model import VARIANTS, ModelConfig
-from ..model.config import LEGACY_DEFAULTS as MODEL_LEGACY
-from ..preprocess import LEGACY_DEFAULTS, PreprocessConfig
-from ..training import Predictions, TrainConfig
+from fedsubtype import CLASSIFICATION_TASKS, TASKS
+from fedsubtype.configio import atomic_write_text, dump_yaml, to_dict
+from fedsubtype.errors import UserError
+from fedsubtype.data.manifest import Case
+from fedsubtype.model import VARIANTS, ModelConfig
+from fedsubtype.model.config import LEGACY_DEFAULTS as MODEL_LEGACY
+from fedsubtype.data.preprocess import LEGACY_DEFAULTS, PreprocessConfig
+from fedsubtype.train.loop import Predictions, TrainConfig
 
 NETWORK_ROWS: tuple[str, ...] = tuple(VARIANTS)
 RADIOMICS_ROWS: dict[str, str] = {"radiomics_lr": "lr", "radiomics_svm": "svm"}
@@ -152,9 +152,9 @@ def _network_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dic
 
     import torch
 
-    from ..dataset import CaseDataset
-    from ..model import build_model
-    from ..training import fit, predict_dataset, seed_everything
+    from fedsubtype.data.dataset import CaseDataset
+    from fedsubtype.model import build_model
+    from fedsubtype.train.loop import fit, predict_dataset, seed_everything
 
     seed_everything(seed)
     torch.manual_seed(seed)
@@ -181,9 +181,9 @@ def statistics_features(cases: Sequence[Case], cache, profile: bool = False) -> 
     7 per region for core, rim and peritumoral tissue, plus the peritumoral profile with `profile`)."""
     import torch
 
-    from ..model.region_stats import input_statistics
-    from ..model.regions_pool import region_masks
-    from ..model.variants import ALL_REGIONS
+    from fedsubtype.model.region_stats import input_statistics
+    from fedsubtype.model.regions_pool import region_masks
+    from fedsubtype.model.variants import ALL_REGIONS
 
     out = {}
     with torch.no_grad():
@@ -201,7 +201,7 @@ def _labels_of(cases: Sequence[Case]) -> np.ndarray:
 
 def _radiomics_predictions(kind: str, seed: int, splits: dict[str, list[Case]], external: list[Case],
                            features: dict[str, np.ndarray]) -> tuple[Predictions, Predictions]:
-    from ..radiomics import RadiomicsBaseline
+    from fedsubtype.evaluate.radiomics import RadiomicsBaseline
 
     train = splits["train"] + splits["val"]  # cross-validation inside the pipeline replaces the val split
     model = RadiomicsBaseline(kind, seed=seed).fit(np.stack([features[c.case_id] for c in train]), _labels_of(train))
@@ -214,7 +214,7 @@ def _radiomics_predictions(kind: str, seed: int, splits: dict[str, list[Case]], 
 
 
 def _score(preds: Predictions, n_boot: int, seed: int) -> dict[str, Any]:
-    from ..metrics import compute_metrics
+    from fedsubtype.evaluate.metrics import compute_metrics
 
     return compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=n_boot, seed=seed)
 
@@ -294,10 +294,10 @@ def split_external(cases: Sequence[Case], external_site: str | None, where: str 
 
 def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) every (row, seed) and write the table, DeLong tests and ROC curves under `bench.out`."""
-    from ..cache import PreprocessCache
-    from ..manifest import read_manifest
-    from ..splits import stratified_split
-    from ..validation import validate_cases
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.data.manifest import read_manifest
+    from fedsubtype.data.splits import stratified_split
+    from fedsubtype.data.validation import validate_cases
 
     bench.validate()
     settings = {k: to_dict(v) for k, v in vars(bench).items()}
@@ -318,7 +318,7 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
     cache.warm(cases, workers=bench.workers, progress=True)
     features: dict[str, dict[str, np.ndarray]] = {}
     if any(r in RADIOMICS_ROWS for r in bench.rows):
-        from ..radiomics import feature_matrix
+        from fedsubtype.evaluate.radiomics import feature_matrix
 
         matrix, _ = feature_matrix(cases, cache_dir=bench.cache_dir, workers=bench.workers)
         features["radiomics"] = {c.case_id: matrix[i] for i, c in enumerate(cases)}
@@ -344,7 +344,7 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
         if seed == bench.seeds[0]:
             roc_inputs = preds
         if oracle_dir is not None:
-            from ..phantom.oracle import oracle_metrics
+            from fedsubtype.phantom.oracle import oracle_metrics
 
             oracle_rows.append(oracle_metrics(oracle_dir, [c.case_id for c in splits["train"] + splits["val"]],
                                               [c.case_id for c in splits["test"]], seed=seed))
@@ -357,7 +357,7 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
 
 
 def _delong_rows(preds: dict[str, Predictions], seed: int) -> list[dict[str, Any]]:
-    from ..metrics import delong_test
+    from fedsubtype.evaluate.metrics import delong_test
 
     full = preds["full"]
     rows = []

@@ -7,8 +7,8 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-from .. import __version__
-from ..errors import UserError
+from fedsubtype import __version__
+from fedsubtype.errors import UserError
 
 # subcommand name -> module under fedsubtype.cli that defines `register(subparsers)`
 COMMANDS: dict[str, str] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import UserError
+from fedsubtype.errors import UserError
 
 
 def _int_list(text: str) -> list[int]:
@@ -109,17 +109,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmarks.paper import NETWORK_ROWS, RADIOMICS_ROWS, PaperBenchmark, run_paper_benchmark
-    from ..configio import from_dict
-    from ..model import ModelConfig
-    from ..preprocess import PreprocessConfig
-    from ..training import TrainConfig
+    from fedsubtype.benchmarks.paper import NETWORK_ROWS, RADIOMICS_ROWS, PaperBenchmark, run_paper_benchmark
+    from fedsubtype.configio import from_dict
+    from fedsubtype.model import ModelConfig
+    from fedsubtype.data.preprocess import PreprocessConfig
+    from fedsubtype.train.loop import TrainConfig
 
     manifest = args.manifest
     if manifest is None:
         manifest = args.cohort / "manifest.csv"
         if not manifest.is_file():
-            from ..phantom import generate_cohort
+            from fedsubtype.phantom import generate_cohort
 
             print(f"generating the phantom cohort in {args.cohort} (960 cases, 5 sites, seed 0)")
             manifest = generate_cohort(args.cohort, cases=960, sites=5, seed=0)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 def run_attention(args: argparse.Namespace) -> int:
     import csv
 
-    from ..benchmarks.attention_evidence import run_attention_benchmark
+    from fedsubtype.benchmarks.attention_evidence import run_attention_benchmark
 
     ids = None
     if args.splits is not None:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UserError
-from . import run_guarded
+from fedsubtype.errors import UserError
+from fedsubtype.cli import run_guarded
 
 PROG = "fedsubtype-client"
 
@@ -64,7 +64,7 @@ def classify_failure(log_text: str) -> UserError:
 
 def supernode_args(site, *, insecure: bool) -> list[str]:
     """Command line of `flower-supernode` for this site."""
-    from ..flowerproc import flower_executable
+    from fedsubtype.federation.processes import flower_executable
 
     args = [flower_executable("flower-supernode"), "--superlink", site.superlink,
             "--port", str(site.local_port), "--host", "127.0.0.1",
@@ -82,9 +82,9 @@ def supernode_args(site, *, insecure: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..federated import SiteAlgo
-    from ..flowerproc import check_tls, split_address, wait_for_port
-    from ..site_config import load_site_config
+    from fedsubtype.federation.site_algo import SiteAlgo
+    from fedsubtype.federation.processes import check_tls, split_address, wait_for_port
+    from fedsubtype.federation.site_config import load_site_config
 
     site = load_site_config(args.site)
     where = str(site.source)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if " " in str(site.source):
         raise UserError("the site file's path contains a space", "move it to a path without spaces", where=where)
 
-    from ..privacy.site import site_startup_line  # privacy: bad settings fail here, before any image is read
+    from fedsubtype.privacy.site import site_startup_line  # privacy: bad settings fail here, before any image is read
 
     print(site_startup_line(site))
     algo = SiteAlgo(site, log=print, progress=not args.quiet)
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_supernode(site, insecure: bool, log_path: Path, env: dict) -> tuple[UserError | None, bool]:
     """Run the SuperNode until it exits: (reason it failed or None, whether the user stopped it)."""
-    from ..flowerproc import start, stop
+    from fedsubtype.federation.processes import start, stop
 
     offset = log_path.stat().st_size if log_path.is_file() else 0
     proc = start(supernode_args(site, insecure=insecure), log_path, env=env)

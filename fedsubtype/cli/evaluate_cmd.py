@@ -33,13 +33,13 @@ def evaluate_run(model_path: Path, manifest: Path, out: Path, *, split: str | No
                  n_boot: int = 1000, seed: int = 0, batch_size: int = 16, device: str = "auto", strict: bool = False,
                  overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate a model file on a manifest and write metrics.json and predictions.csv; returns the metrics."""
-    from ..cache import PreprocessCache
-    from ..checkpoint import load_model
-    from ..dataset import CaseDataset
-    from ..errors import UserError
-    from ..train_config import DEFAULT_CACHE_DIRNAME
-    from ..training import predict_dataset, resolve_device, score_predictions
-    from .train_cmd import PHANTOM_NOTE, check_out_dir, usable_cases, write_json
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.train.checkpoint import load_model
+    from fedsubtype.data.dataset import CaseDataset
+    from fedsubtype.errors import UserError
+    from fedsubtype.train.run_config import DEFAULT_CACHE_DIRNAME
+    from fedsubtype.train.loop import predict_dataset, resolve_device, score_predictions
+    from fedsubtype.cli.train_cmd import PHANTOM_NOTE, check_out_dir, usable_cases, write_json
 
     if n_boot < 0:
         raise UserError(f"--n-boot must be >= 0, got {n_boot}", "use e.g. 1000", where="evaluate")

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..importers.mama_mia import import_mama_mia
+    from fedsubtype.data.importers.mama_mia import import_mama_mia
 
     summary = import_mama_mia(args.root, args.out, phase=args.phase, site_column=args.site_column,
                               clinical=args.clinical)

@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import read_bundle
-    from ..configio import atomic_write_text
-    from ..model_card import render_model_card
+    from fedsubtype.train.checkpoint import read_bundle
+    from fedsubtype.configio import atomic_write_text
+    from fedsubtype.inference.model_card import render_model_card
 
     _, bundle = read_bundle(args.model)
     text = render_model_card(bundle)

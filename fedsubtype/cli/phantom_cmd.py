@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate the cohort and print where its manifest is."""
     import time
 
-    from ..phantom import generate_cohort
+    from fedsubtype.phantom import generate_cohort
 
     start = time.perf_counter()
     manifest = generate_cohort(args.out, cases=args.cases, sites=args.sites, seed=args.seed,

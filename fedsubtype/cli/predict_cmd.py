@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from fedsubtype.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,22 +36,22 @@ def run(args: argparse.Namespace) -> int:
     if args.manifest is not None and args.out is None:
         raise UserError("--manifest needs --out DIR", "name a folder for predictions.csv")
 
-    from ..checkpoint import load_model
-    from ..training import resolve_device
+    from fedsubtype.train.checkpoint import load_model
+    from fedsubtype.train.loop import resolve_device
 
     model, bundle = load_model(args.model, device=str(resolve_device(args.device)))
     if single:
         for flag, path in (("--image", args.image), ("--mask", args.mask)):
             if not path.exists():
                 raise UserError("file not found", "check the path", where=f"{flag} {path}")
-        from ..predict import predict_one
+        from fedsubtype.inference.predict import predict_one
 
         print(json.dumps(predict_one(model, bundle, args.image, args.mask, explain_dir=args.explain), indent=2))
         return 0
 
-    from ..manifest import read_manifest
-    from ..predict import predict_cohort, predict_one
-    from ..validation import validate_cases
+    from fedsubtype.data.manifest import read_manifest
+    from fedsubtype.inference.predict import predict_cohort, predict_one
+    from fedsubtype.data.validation import validate_cases
 
     report = validate_cases(read_manifest(args.manifest), progress=True)
     for problem in report.problems:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UserError
-from . import run_guarded
+from fedsubtype.errors import UserError
+from fedsubtype.cli import run_guarded
 
 PROG = "fedsubtype-server"
 CONNECTION = "fedsubtype"
@@ -53,7 +53,7 @@ def build_credentials_parser() -> argparse.ArgumentParser:
 
 
 def run_credentials(args: argparse.Namespace) -> int:
-    from ..credentials import create_dev_credentials
+    from fedsubtype.federation.credentials import create_dev_credentials
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
@@ -80,7 +80,7 @@ def app_dir_for(cfg) -> Path:
 
 
 def _write_flwr_config(home: Path, cfg) -> None:
-    from ..configio import atomic_write_text
+    from fedsubtype.configio import atomic_write_text
 
     address = f"{cfg.host if cfg.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{cfg.port}"
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
@@ -103,13 +103,13 @@ class Coordinator:
         self.superlink = None
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        from ..flowerproc import child_env, flower_executable
+        from fedsubtype.federation.processes import child_env, flower_executable
 
         return subprocess.run([flower_executable("flwr"), *args], capture_output=True, text=True, encoding="utf-8", timeout=timeout,
                               env=child_env(self.env))
 
     def start_superlink(self) -> None:
-        from ..flowerproc import flower_executable, start, tail, wait_for_port
+        from fedsubtype.federation.processes import flower_executable, start, tail, wait_for_port
 
         cfg = self.cfg
         _write_flwr_config(self.home, cfg)
@@ -143,7 +143,7 @@ class Coordinator:
 
     def register_sites(self) -> dict[int, str]:
         """Register every listed site's public key (all at once); node id -> site name."""
-        from ..flowerproc import child_env, flower_executable
+        from fedsubtype.federation.processes import child_env, flower_executable
 
         nodes: dict[int, str] = {}
         if self.cfg.insecure:
@@ -204,7 +204,7 @@ class Coordinator:
 
     def submit(self, app_dir: Path) -> int:
         """`flwr run APP CONNECTION --stream`; progress lines shown, everything logged; returns its exit code."""
-        from ..flowerproc import child_env, die_with_parent, flower_executable
+        from fedsubtype.federation.processes import child_env, die_with_parent, flower_executable
 
         args = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                 "--run-config", f"run-dir={json.dumps(str(self.run_dir))}"]
@@ -225,12 +225,12 @@ class Coordinator:
                 return proc.wait()
             finally:
                 if proc.poll() is None:
-                    from ..flowerproc import stop
+                    from fedsubtype.federation.processes import stop
 
                     stop(proc)
 
     def close(self) -> None:
-        from ..flowerproc import stop
+        from fedsubtype.federation.processes import stop
 
         stop(self.superlink)
         self.superlink = None
@@ -243,8 +243,8 @@ def _last_line(res: subprocess.CompletedProcess) -> str:
 
 def prepare_run(args: argparse.Namespace):
     """The validated federation config and its run folder (fresh, or the one to resume)."""
-    from ..configio import atomic_write_text, from_dict, to_dict
-    from ..federation_config import FederationConfig, load_federation_config
+    from fedsubtype.configio import atomic_write_text, from_dict, to_dict
+    from fedsubtype.federation.config import FederationConfig, load_federation_config
 
     if args.federation is None and args.resume is None:
         raise UserError("nothing to run", "pass --federation federation.yaml (or --resume RUN_DIR)", where=PROG)
@@ -286,7 +286,7 @@ def prepare_run(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..configio import atomic_write_text
+    from fedsubtype.configio import atomic_write_text
 
     cfg, run_dir = prepare_run(args)
     app_dir = app_dir_for(cfg)

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import yaml
 
-from .. import __version__
-from . import run_guarded
+from fedsubtype import __version__
+from fedsubtype.cli import run_guarded
 
 PROG = "fedsubtype-sim"
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
+from fedsubtype.errors import UserError
 
 RUN_FILES: tuple[str, ...] = ("model.pt", "metrics.json", "predictions.csv", "metrics_per_epoch.csv", "config.yaml",
                               "splits.csv")
@@ -66,8 +66,8 @@ def _apply_overrides(cfg: Any, args: argparse.Namespace) -> None:
 
 def revalidate(cfg: Any) -> Any:
     """Validate a run config after CLI overrides, through the same schema as the YAML file."""
-    from ..configio import from_dict, to_dict
-    from ..train_config import RunConfig
+    from fedsubtype.configio import from_dict, to_dict
+    from fedsubtype.train.run_config import RunConfig
 
     return from_dict(RunConfig, to_dict(cfg), where="config (after command-line flags)")
 
@@ -83,7 +83,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def usable_cases(manifest: Path, *, strict: bool, progress: bool, warn: Callable[[str], None]) -> list:
     """Validate every row and image; skip unusable cases with one line each (or stop when `strict`)."""
-    from ..validation import validate_manifest
+    from fedsubtype.data.validation import validate_manifest
 
     report = validate_manifest(manifest, progress=progress)
     for line in report.problem_lines():
@@ -101,8 +101,8 @@ def usable_cases(manifest: Path, *, strict: bool, progress: bool, warn: Callable
 
 def write_json(path: Path, data: Any) -> None:
     """JSON (NaN written as null), atomically."""
-    from ..checkpoint import json_safe
-    from ..configio import atomic_write_text
+    from fedsubtype.train.checkpoint import json_safe
+    from fedsubtype.configio import atomic_write_text
 
     atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
 
@@ -111,13 +111,13 @@ def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] =
     """Run a whole training from a validated RunConfig and write the run folder; returns its path."""
     import torch
 
-    from ..cache import PreprocessCache
-    from ..checkpoint import save_model
-    from ..configio import dump_yaml
-    from ..dataset import CaseDataset
-    from ..model import build_model, count_parameters
-    from ..splits import cohort_summary, stratified_split, write_split_csv
-    from ..training import (choose_thresholds, fit, fixed_thresholds, predict_dataset, resolve_device,
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.train.checkpoint import save_model
+    from fedsubtype.configio import dump_yaml
+    from fedsubtype.data.dataset import CaseDataset
+    from fedsubtype.model import build_model, count_parameters
+    from fedsubtype.data.splits import cohort_summary, stratified_split, write_split_csv
+    from fedsubtype.train.loop import (choose_thresholds, fit, fixed_thresholds, predict_dataset, resolve_device,
                             score_predictions, seed_everything)
 
     if cfg.data.manifest is None:
@@ -219,7 +219,7 @@ def _headline_line(metrics: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train_config import load_run_config
+    from fedsubtype.train.run_config import load_run_config
 
     cfg = load_run_config(args.config)
     _apply_overrides(cfg, args)

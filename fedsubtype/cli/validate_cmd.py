@@ -26,13 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..configio import atomic_write_text
-    from ..errors import UserError
-    from ..validation import validate_manifest
+    from fedsubtype.configio import atomic_write_text
+    from fedsubtype.errors import UserError
+    from fedsubtype.data.validation import validate_manifest
 
     if args.workers < 1:
         raise UserError(f"--workers {args.workers} must be at least 1", "pass --workers 1 or more")
-    logging.getLogger("fedsubtype.imageio").setLevel(logging.ERROR)  # DICOM series choices are reported as warnings
+    logging.getLogger("fedsubtype.data.imageio").setLevel(logging.ERROR)  # DICOM series choices are reported as warnings
     report = validate_manifest(args.manifest, workers=args.workers, progress=not args.quiet and sys.stderr.isatty())
     lines = report.format()
     if args.quiet:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .extractor import group_norm
+from fedsubtype.model.extractor import group_norm
 
 
 def resample(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

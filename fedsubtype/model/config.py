@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .variants import VARIANTS
+from fedsubtype.errors import ConfigError
+from fedsubtype.model.variants import VARIANTS
 
 STEMS: tuple[str, ...] = ("strided", "deep")
 """How the extractor meets the input: one stride-2 convolution, or a full-resolution one before it."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import CLASSIFICATION_TASKS, TASKS
+from fedsubtype import CLASSIFICATION_TASKS, TASKS
 
 KI67_SCALE = 100.0
 """Ki-67 labels are percent; the model predicts a fraction (label / KI67_SCALE)."""

@@ -7,13 +7,13 @@ import math
 import torch
 from torch import nn
 
-from .. import REGION_LABELS, TASKS
-from .attention import MultiScaleFusion, MultiScaleSpatialAttention, resample
-from .config import ModelConfig
-from .extractor import FeatureExtractor
-from .region_stats import StatisticsHeads, input_statistics, statistics_width
-from .regions_pool import RegionWeighting, region_fractions, region_masks
-from .variants import VariantSpec, variant_spec
+from fedsubtype import REGION_LABELS, TASKS
+from fedsubtype.model.attention import MultiScaleFusion, MultiScaleSpatialAttention, resample
+from fedsubtype.model.config import ModelConfig
+from fedsubtype.model.extractor import FeatureExtractor
+from fedsubtype.model.region_stats import StatisticsHeads, input_statistics, statistics_width
+from fedsubtype.model.regions_pool import RegionWeighting, region_fractions, region_masks
+from fedsubtype.model.variants import VariantSpec, variant_spec
 
 KI67_PRIOR = 0.20
 """Initial Ki-67 prediction (fraction): the population median, so training starts unbiased."""

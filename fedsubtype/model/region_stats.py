@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import TASKS
-from .regions_pool import weighted_moments
+from fedsubtype import TASKS
+from fedsubtype.model.regions_pool import weighted_moments
 
 SMOOTH_SIGMA_VOXELS = 1.0
 """Gaussian width of the smoothed image; the residual (image − smoothed) is the fine texture."""
@@ -162,7 +162,7 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
     many were fitted; fitted ones (a loaded model, a federated round after the first) are left alone."""
     from torch.utils.data import DataLoader
 
-    from .regions_pool import region_masks
+    from fedsubtype.model.regions_pool import region_masks
 
     owners = unfitted_statistics_heads(model)
     if not owners or len(data) == 0:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import REGION_LABELS
-from .config import POOLINGS, REGION_MIXINGS
-from .variants import ALL_REGIONS
+from fedsubtype import REGION_LABELS
+from fedsubtype.model.config import POOLINGS, REGION_MIXINGS
+from fedsubtype.model.variants import ALL_REGIONS
 
 
 def region_masks(regions: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:

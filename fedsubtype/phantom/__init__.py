@@ -4,9 +4,9 @@ ER/PR/HER2/Ki-67 as the literature reports, with the latent variables kept for a
 Phantom results are engineering evidence, never clinical claims.
 """
 
-from .biology import LATENT_COLUMNS, LATENT_REGIONS
-from .cohort import generate_cohort, is_phantom_cohort, render_case
-from .plan import plan_cohort, sample_labels
+from fedsubtype.phantom.biology import LATENT_COLUMNS, LATENT_REGIONS
+from fedsubtype.phantom.cohort import generate_cohort, is_phantom_cohort, render_case
+from fedsubtype.phantom.plan import plan_cohort, sample_labels
 
 __all__ = ["LATENT_COLUMNS", "LATENT_REGIONS", "generate_cohort", "is_phantom_cohort", "plan_cohort",
            "render_case", "sample_labels"]

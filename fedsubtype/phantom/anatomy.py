@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from .scanner import Grid
-from .texture import smooth_noise
+from fedsubtype.phantom.scanner import Grid
+from fedsubtype.phantom.texture import smooth_noise
 
 # Tissue signal (fat-suppressed, not fat-suppressed) in the first post-contrast phase.
 SIGNAL = {

@@ -19,12 +19,12 @@ import numpy as np
 import SimpleITK as sitk
 from threadpoolctl import threadpool_limits
 
-from ..configio import atomic_write_text
-from ..errors import UserError
-from ..manifest import Case, write_manifest
-from .anatomy import render_breast
-from .plan import STREAM_IMAGE, PlannedCase, case_rng, latent_table, plan_cohort
-from .scanner import Grid, acquire, reorient
+from fedsubtype.configio import atomic_write_text
+from fedsubtype.errors import UserError
+from fedsubtype.data.manifest import Case, write_manifest
+from fedsubtype.phantom.anatomy import render_breast
+from fedsubtype.phantom.plan import STREAM_IMAGE, PlannedCase, case_rng, latent_table, plan_cohort
+from fedsubtype.phantom.scanner import Grid, acquire, reorient
 
 GENERATOR_VERSION = "4"
 MARKER = "phantom.json"
@@ -44,7 +44,7 @@ class RenderedCase:
 
 def render_case(case: PlannedCase, seed: int) -> RenderedCase:
     """Draw breast, tumour and scanner effects for one planned case (single-threaded, deterministic)."""
-    from .tumour import place, render_tumour
+    from fedsubtype.phantom.tumour import place, render_tumour
 
     scanner = case.site.scanner
     rng = case_rng(seed, case.index, STREAM_IMAGE)

@@ -13,9 +13,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .biology import LATENT_COLUMNS
-from .cohort import render_case
-from .plan import PlannedCase, plan_cohort
+from fedsubtype.phantom.biology import LATENT_COLUMNS
+from fedsubtype.phantom.cohort import render_case
+from fedsubtype.phantom.plan import PlannedCase, plan_cohort
 
 SUBTYPES: dict[str, str] = {
     "luminal_a": "Luminal A",

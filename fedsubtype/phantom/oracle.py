@@ -23,9 +23,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import SplineTransformer, StandardScaler
 
-from .. import CLASSIFICATION_TASKS, TASKS
-from ..errors import UserError
-from .biology import LATENT_COLUMNS
+from fedsubtype import CLASSIFICATION_TASKS, TASKS
+from fedsubtype.errors import UserError
+from fedsubtype.phantom.biology import LATENT_COLUMNS
 
 
 def latent_columns() -> list[str]:
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--test-fraction must be in [0.05, 0.5]")
     if not 1 <= args.repeats <= 100:
         parser.error("--repeats must be in [1, 100]")
-    from ..cli import run_guarded
+    from fedsubtype.cli import run_guarded
 
     def body() -> int:
         table = load_cohort_tables(args.cohort_dir)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .biology import LATENT_COLUMNS, Biology, observe_labels, sample_biology, sample_latents
-from .scanner import SiteProfile, site_profiles, site_sizes
+from fedsubtype.phantom.biology import LATENT_COLUMNS, Biology, observe_labels, sample_biology, sample_latents
+from fedsubtype.phantom.scanner import SiteProfile, site_profiles, site_sizes
 
 STREAM_BIOLOGY, STREAM_IMAGE = 0, 1
 

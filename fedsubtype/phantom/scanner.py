@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .biology import TRIAL_GROUP_PREVALENCE, SiteBiology
+from fedsubtype.phantom.biology import TRIAL_GROUP_PREVALENCE, SiteBiology
 
 EXTERNAL_FRACTION = 74 / 960
 """The paper's external cohort: 74 of 960 cases; the last site gets this share."""

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .anatomy import Breast, signal
-from .scanner import Grid
-from .texture import smooth_noise
+from fedsubtype.phantom.anatomy import Breast, signal
+from fedsubtype.phantom.scanner import Grid
+from fedsubtype.phantom.texture import smooth_noise
 
 PERI_REACH_MM = 10.0  # how far peritumoral changes are drawn (they fade within ~5 mm)
 BORDER_MARGIN_MM = 8.0  # free space between the tumour and the volume border

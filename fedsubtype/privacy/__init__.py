@@ -11,7 +11,7 @@ Light to import: torch/opacus are imported only by :mod:`fedsubtype.privacy.engi
 - :mod:`.site_level` — Flower's site-level DP strategy wrappers (federation.yaml `site_level_dp:`).
 """
 
-from .config import PrivacyConfig
-from .site_level import SiteLevelDPConfig
+from fedsubtype.privacy.config import PrivacyConfig
+from fedsubtype.privacy.site_level import SiteLevelDPConfig
 
 __all__ = ["PrivacyConfig", "SiteLevelDPConfig"]

@@ -14,8 +14,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .config import PrivacyConfig
+from fedsubtype.errors import ConfigError
+from fedsubtype.privacy.config import PrivacyConfig
 
 Entry = tuple[float, float, int]
 """(noise_multiplier, sample_rate, steps): one homogeneous stretch of DP-SGD steps."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ConfigError
+from fedsubtype.errors import ConfigError
 
 DEFAULT_DELTA_CAP = 1e-5
 """Largest default δ; the default is also never above 1/(10 n) for n training cases."""

@@ -1,4 +1,4 @@
-"""The DP-SGD hook `fedsubtype.training.fit` calls: Opacus per-sample clipping, Gaussian noise, Poisson sampling.
+"""The DP-SGD hook `fedsubtype.train.loop.fit` calls: Opacus per-sample clipping, Gaussian noise, Poisson sampling.
 
 One :class:`OpacusPrivacy` serves one local round. It swaps the training loader for Poisson sampling at
 the planned rate q (int(1/q) draws per epoch, as the accountant assumes), wraps model and optimizer with
@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import default_collate
 
-from ..errors import UserError
-from .accounting import Entry, PrivacyPlan
+from fedsubtype.errors import UserError
+from fedsubtype.privacy.accounting import Entry, PrivacyPlan
 
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 """Fastest correct per-sample-gradient mode for the full model (bench/bench_dp.py measures the others)."""
@@ -93,7 +93,7 @@ class _CappedPoissonLoader:
 
 
 class OpacusPrivacy:
-    """DP-SGD for one local round, implementing `fedsubtype.training.PrivacyHook` with Opacus.
+    """DP-SGD for one local round, implementing `fedsubtype.train.loop.PrivacyHook` with Opacus.
 
     `max_steps` caps the noisy steps this round may take (the ledger's budget check decides it);
     `seed` seeds Poisson sampling and noise and must differ per release (see :func:`derive_seed`);
@@ -119,7 +119,7 @@ class OpacusPrivacy:
         from opacus import PrivacyEngine
         from opacus.data_loader import DPDataLoader
 
-        from .conv_grad import register
+        from fedsubtype.privacy.conv_grad import register
 
         register()  # per-case Conv3d gradients without the unfolded input (see conv_grad.py)
         model.train()  # Opacus wraps modules in training mode (the model may come back from eval)

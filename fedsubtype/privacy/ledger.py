@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..configio import atomic_write_text
-from ..errors import ConfigError
-from .accounting import Entry, epsilon_for
+from fedsubtype.configio import atomic_write_text
+from fedsubtype.errors import ConfigError
+from fedsubtype.privacy.accounting import Entry, epsilon_for
 
 try:  # POSIX file locks; elsewhere a single site process is assumed
     import fcntl

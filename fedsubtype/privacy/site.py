@@ -1,4 +1,4 @@
-"""The DP part of a site's lifecycle, called by `fedsubtype.federated.SiteAlgo` (no Flower types).
+"""The DP part of a site's lifecycle, called by `fedsubtype.federation.site_algo.SiteAlgo` (no Flower types).
 
 initialize → :meth:`SitePrivacy.start` plans σ from the site's own budget and the run's planned rounds,
 opens the ledger and says what the plan costs; each train round → :meth:`check` (decline if the round
@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .accounting import PrivacyPlan, make_plan
-from .config import PrivacyConfig
-from .ledger import PrivacyLedger
+from fedsubtype.errors import UserError
+from fedsubtype.privacy.accounting import PrivacyPlan, make_plan
+from fedsubtype.privacy.config import PrivacyConfig
+from fedsubtype.privacy.ledger import PrivacyLedger
 
 LEDGER_FILENAME = "privacy_ledger.json"
 
@@ -30,7 +30,7 @@ def privacy_overrides(round_config: Mapping[str, Any]) -> list[str]:
     The site-level DP keys (Flower's `clipping_norm`, fedsubtype's `site-dp-clipping`) concern clipping a
     site's whole update, not the site's own privacy settings, and are not listed.
     """
-    from .site_level import ROUND_KEY
+    from fedsubtype.privacy.site_level import ROUND_KEY
 
     return sorted(k for k in round_config if k not in ("clipping_norm", ROUND_KEY)
                   and any(w in str(k).lower() for w in _OVERRIDE_WORDS))
@@ -130,7 +130,7 @@ class SitePrivacy:
 
     def hook(self, server_round: int) -> Any:
         """The Opacus hook (engine.OpacusPrivacy) for this round's `fit`: capped at the planned steps, fresh noise."""
-        from .engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed
+        from fedsubtype.privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed
 
         seed = derive_seed(self.seed, self.run_id, server_round, self.ledger.steps)
         return OpacusPrivacy(self.plan, seed=seed, max_steps=self.plan.steps_per_round,
@@ -165,7 +165,7 @@ def site_startup_line(site: Any) -> str:
     """
     if not site.privacy.enabled:
         return startup_check(site.privacy, n_train=1, batch_size=1)
-    from ..manifest import load_manifest
+    from fedsubtype.data.manifest import load_manifest
 
     cases, _ = load_manifest(site.manifest)
     if site.manifest_site is not None:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import ConfigError
+from fedsubtype.errors import ConfigError
 
 ROUND_KEY = "site-dp-clipping"
 """Round-config key telling the ClientApp which client-side clipping mod to apply ("fixed"/"adaptive")."""

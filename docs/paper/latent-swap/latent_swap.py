@@ -26,10 +26,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
 from fedsubtype.benchmarks.paper import split_external
-from fedsubtype.cache import PreprocessCache
-from fedsubtype.manifest import read_manifest
+from fedsubtype.data.cache import PreprocessCache
+from fedsubtype.data.manifest import read_manifest
 from fedsubtype.phantom.oracle import fit_oracle, latent_columns
-from fedsubtype.preprocess import PreprocessConfig
+from fedsubtype.data.preprocess import PreprocessConfig
 
 warnings.filterwarnings("ignore")
 

@@ -16,12 +16,12 @@ from sklearn.metrics import roc_auc_score
 
 from fedsubtype import CLASSIFICATION_TASKS
 from fedsubtype.benchmarks.paper import _labels_of, split_external, statistics_features
-from fedsubtype.cache import PreprocessCache
-from fedsubtype.manifest import read_manifest
+from fedsubtype.data.cache import PreprocessCache
+from fedsubtype.data.manifest import read_manifest
 from fedsubtype.model.region_stats import linear_read_outs
-from fedsubtype.preprocess import PreprocessConfig
-from fedsubtype.radiomics import RadiomicsBaseline, feature_matrix
-from fedsubtype.splits import stratified_split
+from fedsubtype.data.preprocess import PreprocessConfig
+from fedsubtype.evaluate.radiomics import RadiomicsBaseline, feature_matrix
+from fedsubtype.data.splits import stratified_split
 
 warnings.filterwarnings("ignore")
 

@@ -1,0 +1,5 @@
+"""Importers that turn public cohorts' folder layouts into a case manifest (DESIGN.md §2)."""
+
+from fedsubtype.data.importers.mama_mia import ImportSummary, import_mama_mia
+
+__all__ = ["ImportSummary", "import_mama_mia"]

@@ -1,0 +1,1 @@
+"""Evaluation: predictions of a model on a dataset, metrics with confidence intervals, thresholds, radiomics baselines."""

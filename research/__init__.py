@@ -1,0 +1,1 @@
+"""One-off research probes behind figures in docs/ (not installed with fedsubtype)."""
