@@ -137,3 +137,46 @@ def test_cli_in_a_subprocess(tmp_path):
     assert run.returncode == 1, run.stderr
     assert "constant: image is constant" in run.stdout
     assert "Traceback" not in run.stderr
+
+
+def _pacs_manifest(tmp_path: Path) -> Path:
+    """Two DICOM cases as a PACS and a segmentation tool export them: a JPEG-LS series with its SEG mask, and
+    a series with a missing slice (whose SEG mask is not reached: one line for the case)."""
+    from pydicom.uid import JPEGLSLossless
+
+    from broken_cases import HEADER
+    from dicom_cases import reference_case, seg_file, series_datasets, write_series
+
+    img, mask = reference_case()
+    datasets = series_datasets(img)
+    write_series(datasets, tmp_path / "ok", JPEGLSLossless)
+    seg_file(datasets, {"Tumour": mask}, tmp_path / "ok_seg.dcm")
+    write_series(series_datasets(img), tmp_path / "gap", skip=(3,))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(HEADER + "ok,ok,ok_seg.dcm,A,1,0,0,10\ngap,gap,ok_seg.dcm,A,1,0,0,10\n", encoding="utf-8")
+    return manifest
+
+
+def test_dicom_cli_speaks_one_line_per_problem_and_leaves_no_thread_behind(tmp_path, capfd):
+    import threading
+
+    manifest = _pacs_manifest(tmp_path)
+    threads_before = {t.name for t in threading.enumerate()}
+    assert main(["validate", str(manifest), "--workers", "2"]) == 1
+    out, err = capfd.readouterr()
+    problem_lines = [ln for ln in out.splitlines() if ln.startswith(("ok:", "gap:"))]
+    assert len(problem_lines) == 1 and problem_lines[0].startswith("gap: image") and "slice(s) missing" in problem_lines[0]
+    assert "WARNING: In" not in out + err and "header" not in out
+    assert {t.name for t in threading.enumerate()} == threads_before  # the case pool is joined before the report
+
+
+def test_dicom_cli_subprocess_exits_after_its_report(tmp_path):
+    import subprocess
+    import sys
+
+    manifest = _pacs_manifest(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "fedsubtype", "validate", str(manifest), "--workers", "2"],
+                         capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert run.returncode == 1 and "2 rows, 1 usable cases, 1 errors, 0 warnings" in run.stdout
+    assert run.stderr.strip().splitlines() == ["fedsubtype validate: 1 error(s) — fix them, or let the trainer skip "
+                                               "unusable cases"]

@@ -27,13 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedsubtype.configio import atomic_write_text
+    from fedsubtype.data.itk_log import itk_without_threads
     from fedsubtype.errors import UserError
     from fedsubtype.data.validation import validate_manifest
 
     if args.workers < 1:
         raise UserError(f"--workers {args.workers} must be at least 1", "pass --workers 1 or more")
     logging.getLogger("fedsubtype.data.imageio").setLevel(logging.ERROR)  # DICOM series choices are reported as warnings
-    report = validate_manifest(args.manifest, workers=args.workers, progress=not args.quiet and sys.stderr.isatty())
+    with itk_without_threads():  # cases run in parallel already; no ITK worker thread outlives the report
+        report = validate_manifest(args.manifest, workers=args.workers, progress=not args.quiet and sys.stderr.isatty())
     lines = report.format()
     if args.quiet:
         keep = set(report.errors)
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+    sys.stdout.flush()
     if not report.ok:
         print(f"fedsubtype validate: {len(report.errors)} error(s) — fix them, or let the trainer skip unusable cases",
               file=sys.stderr)

@@ -122,6 +122,8 @@ class PreprocessCache:
         for part in (content_hash(case.image), content_hash(case.mask),
                      case.extra.get("image_series_uid", ""), case.extra.get("mask_series_uid", "")):
             h.update(b"\0" + part.encode())
+        if case.extra.get("mask_segment"):  # which DICOM SEG segment is the tumour (absent: keys unchanged)
+            h.update(b"\0segment\0" + case.extra["mask_segment"].encode())
         return h.hexdigest()[:40]
 
     def path(self, case: Case) -> Path:

@@ -1,4 +1,5 @@
-"""Image I/O through SimpleITK: NIfTI, NRRD, MHA/MHD and DICOM series folders.
+"""Image I/O: NIfTI, NRRD, MHA/MHD through SimpleITK; DICOM series folders, single and multi-frame files
+and DICOM SEG masks through pydicom/highdicom (:mod:`fedsubtype.data.dicom`, :mod:`fedsubtype.data.dicom_seg`).
 
 Geometry (origin, spacing, direction) is always taken from the file, never assumed.
 Mask rule used everywhere (validation, preprocessing): every non-zero label is tumour;
@@ -14,17 +15,23 @@ import struct
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
+from fedsubtype.data.dicom import (DicomImage, DicomSeries, choose_dicom_series, list_dicom_series,  # noqa: F401
+                                   read_dicom_file, read_dicom_folder)
+from fedsubtype.data.dicom_scan import ReadNote, is_dicom_file
+from fedsubtype.data.dicom_seg import read_seg_mask, seg_file
+from fedsubtype.data.itk_log import captured, install as install_itk_logger
 from fedsubtype.errors import ImageReadError
 from fedsubtype.data.manifest import Case
 
 log = logging.getLogger(__name__)
+install_itk_logger()  # ITK/GDCM messages go through fedsubtype, never raw to the terminal
 
 FILE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """Single-file formats read directly; anything else must be a DICOM series folder or a .dcm file."""
@@ -42,59 +49,19 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-@dataclass(frozen=True)
-class DicomSeries:
-    """One DICOM series found in a folder: its SeriesInstanceUID and sorted files."""
+@dataclass
+class ImageRead:
+    """An image, which DICOM series it came from (None for other formats) and what the read found."""
 
-    uid: str
-    files: tuple[str, ...]
-
-
-def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """Every DICOM series in `folder` (not recursive), largest first, then by UID."""
-    folder = str(folder)
-    reader = sitk.ImageSeriesReader()
-    found = []
-    for uid in reader.GetGDCMSeriesIDs(folder) or ():
-        files = reader.GetGDCMSeriesFileNames(folder, uid)
-        found.append(DicomSeries(uid, tuple(files)))
-    return sorted(found, key=lambda s: (-len(s.files), s.uid))
-
-
-def choose_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> tuple[DicomSeries, str]:
-    """Pick a series of a DICOM folder: the given UID, else the one with most slices; return it and a note."""
-    folder = Path(folder)
-    series = list_dicom_series(folder)
-    if not series:
-        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        fix = (f"point at the subfolder that holds the slices (it has: {', '.join(subfolders[:5])})" if subfolders
-               else "point the manifest at a NIfTI/NRRD/MHA file or at a folder of DICOM slices")
-        raise ImageReadError("folder holds no DICOM series", fix, where=str(folder))
-    if series_uid:
-        chosen = [s for s in series if s.uid == series_uid]
-        if not chosen:
-            uids = ", ".join(s.uid for s in series)
-            raise ImageReadError(f"no DICOM series with UID {series_uid}", f"use one of: {uids}", where=str(folder))
-        pick = chosen[0]
-        note = f"DICOM series {pick.uid} ({len(pick.files)} slices) as requested"
-    else:
-        pick = series[0]
-        note = f"DICOM series {pick.uid} ({len(pick.files)} slices)"
-        if len(series) > 1:
-            others = ", ".join(f"{s.uid} ({len(s.files)})" for s in series[1:])
-            note += f", the largest of {len(series)} series; others: {others}"
-    return pick, note
-
-
-def _dicom_file_series(path: Path) -> str | None:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else None
+    image: sitk.Image
+    summary: str | None = None
+    notes: list[ReadNote] = field(default_factory=list)
+    series_uid: str | None = None
+    dicom: bool = False
 
 
 def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sitk.Image:
-    """Read one image with its geometry. A folder (or a .dcm file) is read as a DICOM series.
+    """Read one image with its geometry. A folder (or a DICOM file) is read as a DICOM series.
 
     When a folder holds several series, `series_uid` picks one; otherwise the series with the
     most slices is taken and the choice is logged (see :func:`choose_dicom_series`).
@@ -104,28 +71,47 @@ def read_image(path: str | os.PathLike, *, series_uid: str | None = None) -> sit
 
 def read_image_noted(path: str | os.PathLike, *, series_uid: str | None = None) -> tuple[sitk.Image, str | None]:
     """:func:`read_image` plus a note saying which DICOM series was read (None for single files)."""
-    path = Path(path)
+    read = read_image_checked(path, series_uid=series_uid)
+    return read.image, read.summary
+
+
+def read_image_checked(path: str | os.PathLike, *, series_uid: str | None = None) -> ImageRead:
+    """Read one image and say what the read found: the DICOM series chosen, geometry or ITK warnings."""
+    read = _read(Path(path), series_uid)
+    if read.summary:
+        (log.warning if "others:" in read.summary else log.info)("%s: reading %s", path, read.summary)
+    for note in read.notes:
+        log.warning("%s: %s", path, note.what)
+    return read
+
+
+def _read(path: Path, series_uid: str | None) -> ImageRead:
     if path.is_dir():
-        return _read_dicom_noted(path, series_uid)
+        return _from_dicom(read_dicom_folder(path, series_uid))
     if not path.exists():
         raise ImageReadError("file not found", "check the path (relative paths start at the manifest's folder)", where=str(path))
     suffix = _suffix(path)
-    if suffix == ".dcm":
-        try:
-            uid = series_uid or _dicom_file_series(path)
-        except RuntimeError as exc:
-            raise ImageReadError(f"cannot read DICOM file ({_first_line(exc)})",
-                                 "check the file is a complete DICOM slice", where=str(path)) from None
-        return _read_dicom_noted(path.parent, uid)
+    if suffix == ".dcm" or (suffix not in FILE_SUFFIXES and is_dicom_file(path)):
+        return _from_dicom(read_dicom_file(path, series_uid))
     if suffix not in FILE_SUFFIXES:
         raise ImageReadError(f"unsupported file type '{suffix or path.name}'",
                              "use NIfTI (.nii/.nii.gz), NRRD, MHA/MHD or a DICOM series folder", where=str(path))
+    with captured() as itk_said:
+        image = _read_file(path, suffix)
+    return ImageRead(image, notes=[ReadNote("warning", f"ITK: {text}") for text in itk_said])
+
+
+def _from_dicom(read: DicomImage) -> ImageRead:
+    return ImageRead(read.image, read.summary, read.notes, read.series_uid, dicom=True)
+
+
+def _read_file(path: Path, suffix: str) -> sitk.Image:
     try:
         if suffix == ".nii.gz":
-            return _read_nifti_gz(path), None
+            return _read_nifti_gz(path)
         if suffix == ".nii":
             check_nifti_file(path)
-        return sitk.ReadImage(str(path)), None
+        return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageReadError(f"cannot read image ({_first_line(exc)})",
                              "the file is truncated or corrupt: re-export or re-download it", where=str(path)) from None
@@ -144,18 +130,6 @@ def _read_nifti_gz(path: Path) -> sitk.Image:
         check_nifti_file(path, sink=tmp)
         tmp.flush()
         return sitk.ReadImage(tmp.name)
-
-
-def _read_dicom_noted(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
-    pick, note = choose_dicom_series(folder, series_uid)
-    (log.warning if "others:" in note else log.info)("%s: reading %s", folder, note)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(pick.files))
-    try:
-        return reader.Execute(), note
-    except RuntimeError as exc:
-        raise ImageReadError(f"cannot read DICOM series {pick.uid} ({_first_line(exc)})",
-                             "check the slices are complete DICOM files of one series", where=str(folder)) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -400,15 +374,26 @@ def mask_on_image_grid(mask: sitk.Image, image: sitk.Image, where: str) -> sitk.
     return sitk.Resample(binary, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
+def read_case_mask(case: Case, image: sitk.Image, image_series_uid: str | None) -> sitk.Image:
+    """The case's mask as read (not yet on the image grid): a DICOM SEG is placed on `image`'s grid by its
+    frames' geometry (segment from the optional `mask_segment` column); other formats are read as images."""
+    where = f"{case.case_id}: mask {case.mask}"
+    seg = seg_file(case.mask)
+    if seg is not None:
+        return read_seg_mask(seg, image, image_series_uid=image_series_uid,
+                             segment=case.extra.get("mask_segment") or None)
+    return as_volume(read_image(case.mask, series_uid=case.extra.get("mask_series_uid") or None), where)
+
+
 def load_case_images(case: Case) -> tuple[sitk.Image, sitk.Image]:
     """Image as float32 3D and the tumour mask as binary uint8 on the image grid (what preprocessing uses).
 
-    Optional manifest columns `image_series_uid` / `mask_series_uid` select DICOM series.
+    Optional manifest columns `image_series_uid` / `mask_series_uid` select DICOM series; `mask_segment`
+    selects the segment of a DICOM SEG mask.
     """
-    image = as_volume(read_image(case.image, series_uid=case.extra.get("image_series_uid") or None),
-                      f"{case.case_id}: image {case.image}")
-    mask = as_volume(read_image(case.mask, series_uid=case.extra.get("mask_series_uid") or None),
-                     f"{case.case_id}: mask {case.mask}")
+    read = read_image_checked(case.image, series_uid=case.extra.get("image_series_uid") or None)
+    image = as_volume(read.image, f"{case.case_id}: image {case.image}")
+    mask = read_case_mask(case, image, read.series_uid)
     mask = mask_on_image_grid(mask, image, f"{case.case_id}: mask {case.mask}")
     image = sitk.Cast(image, sitk.sitkFloat32)
     values = sitk.GetArrayViewFromImage(image)

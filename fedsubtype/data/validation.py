@@ -20,8 +20,9 @@ import SimpleITK as sitk
 
 from fedsubtype import CLASSIFICATION_TASKS, TASKS
 from fedsubtype.errors import ImageReadError
-from fedsubtype.data.imageio import (as_volume, binarize_mask, grid_differences, mask_on_image_grid, overlap_fraction,
-                      read_image_noted)
+from fedsubtype.data.dicom_seg import seg_file
+from fedsubtype.data.imageio import (ImageRead, as_volume, binarize_mask, grid_differences, mask_on_image_grid,
+                                     overlap_fraction, read_case_mask, read_image_checked)
 from fedsubtype.data.manifest import Case, Problem, load_manifest
 
 MIN_SPACING_MM = 0.1
@@ -103,6 +104,16 @@ class ValidationReport:
 # ----- per-case checks ------------------------------------------------------------------------------
 
 
+def _spacing_fix(spacing: tuple[float, ...], dicom: bool) -> str:
+    """Where an implausible spacing comes from: the header of a file, or a DICOM series' slice positions."""
+    if not dicom:
+        return "fix the voxel size in the file header (NIfTI pixdim / NRRD space directions / MHA ElementSpacing)"
+    if all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing[:2]):
+        return ("the slice positions (ImagePositionPatient) are that far apart: this series is not a thin-slice "
+                "volume; choose the post-contrast series with 'image_series_uid'")
+    return "check PixelSpacing in the DICOM headers, or choose another series with 'image_series_uid'"
+
+
 class _Checker:
     """Collects the problems of one case."""
 
@@ -116,20 +127,41 @@ class _Checker:
     def warn(self, what: str, fix: str) -> None:
         self.problems.append(Problem(self.case.case_id, what, fix, "warning"))
 
-    def read(self, role: str) -> sitk.Image | None:
+    def read(self, role: str) -> ImageRead | None:
         path = getattr(self.case, role)
         uid = self.case.extra.get(f"{role}_series_uid") or None
         try:
-            image, note = read_image_noted(path, series_uid=uid)
+            read = read_image_checked(path, series_uid=uid)
         except ImageReadError as exc:
             self.error(f"{role} {path}: {exc.what}", exc.fix or "")
             return None
-        if note and "others:" in note:
-            self.warn(f"{role} folder holds several DICOM series; read {note}",
+        if read.summary and "others:" in read.summary:
+            self.warn(f"{role} folder holds several DICOM series; read {read.summary}",
                       f"add a '{role}_series_uid' column to choose another")
-        return self.volume(role, image)
+        for note in read.notes:
+            (self.error if note.severity == "error" else self.warn)(f"{role} {path}: {note.what}", note.fix)
+        image = self.volume(role, read.image, dicom=read.dicom)
+        return None if image is None else ImageRead(image, read.summary, read.notes, read.series_uid, read.dicom)
 
-    def volume(self, role: str, image: sitk.Image) -> sitk.Image | None:
+    def read_mask(self, image: ImageRead | None) -> sitk.Image | None:
+        """The mask as read; a DICOM SEG needs the image (its grid and series) and comes back on its grid."""
+        case = self.case
+        same_uid = (case.extra.get("mask_series_uid") or None) == (case.extra.get("image_series_uid") or None)
+        if os.path.abspath(case.mask) == os.path.abspath(case.image) and same_uid:
+            self.error("mask names the same file as the image", "give the tumour segmentation in the 'mask' column")
+            return None
+        try:
+            if seg_file(case.mask) is None:
+                read = self.read("mask")
+                return None if read is None else read.image
+            if image is None:
+                return None  # a SEG is placed on the image's grid: nothing to place it on
+            return read_case_mask(case, image.image, image.series_uid)
+        except ImageReadError as exc:
+            self.error(f"mask {case.mask}: {exc.what}", exc.fix or "")
+            return None
+
+    def volume(self, role: str, image: sitk.Image, *, dicom: bool = False) -> sitk.Image | None:
         if image.GetDimension() == 4 and image.GetSize()[3] == 1:
             self.warn(f"{role} is 4D with a single time point; read as 3D", "save it as a 3D volume to silence this")
         try:
@@ -140,8 +172,7 @@ class _Checker:
         spacing = image.GetSpacing()
         if any(not (MIN_SPACING_MM <= s <= MAX_SPACING_MM) for s in spacing):
             self.error(f"{role} spacing {tuple(round(s, 4) for s in spacing)} mm is implausible "
-                       f"(expected {MIN_SPACING_MM}–{MAX_SPACING_MM} mm)",
-                       "fix the voxel size in the file header (NIfTI pixdim / DICOM PixelSpacing)")
+                       f"(expected {MIN_SPACING_MM}–{MAX_SPACING_MM} mm)", _spacing_fix(spacing, dicom))
             return None
         return image
 
@@ -233,11 +264,11 @@ def validate_case(case: Case) -> list[Problem]:
     check = _Checker(case)
     try:
         image = check.read("image")
-        mask = check.read("mask")
-        image_ok = image is not None and check.check_image(image)
+        mask = check.read_mask(image)
+        image_ok = image is not None and check.check_image(image.image)
         mask_ok = mask is not None and check.check_mask_values(mask)
         if image_ok and mask_ok:
-            on_grid = check.check_geometry(image, mask)
+            on_grid = check.check_geometry(image.image, mask)
             if on_grid is not None:
                 check.check_tumour(on_grid)
     except Exception as exc:  # noqa: BLE001 — an unforeseen failure of one case must not stop the others
@@ -278,7 +309,7 @@ def validate_cases(cases: Iterable[Case], *, workers: int = 1, progress: bool = 
         per_case = list(results)
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # joined before the report exists: nothing outlives it
     problems = [p for ps in per_case for p in ps] + _shared_files(cases)
     usable = [c for c, ps in zip(cases, per_case) if not any(p.severity == "error" for p in ps)]
     return ValidationReport(cases=usable, problems=problems, rows=len(cases), checked=cases)
@@ -296,7 +327,7 @@ def _rejected_rows(path: Path, cases: list[Case], table_problems: list[Problem])
             if ident not in flagged or ident in kept or not row.get("image") or not row.get("mask"):
                 continue
             kept.add(ident)
-            extra = {k: v for k, v in row.items() if k.endswith("_series_uid")}
+            extra = {k: v for k, v in row.items() if k.endswith("_series_uid") or k == "mask_segment"}
             rows.append(Case(ident, path.parent / row["image"], path.parent / row["mask"], row.get("site", ""),
                              dict.fromkeys(TASKS), None, extra))
     return rows
