@@ -47,16 +47,16 @@ def _settings(results: Path) -> dict[str, Any]:
 
 def frozen_features(model, cases, cache, batch_size: int = 32) -> np.ndarray:
     """[N, F] what the task heads of `model` read for each case: the shared representation, plus the region
-    statistics when the model has `region_statistics` (a model without task branches)."""
+    statistics when its read-out feeds them to the representation (a model with one extractor)."""
     import torch
     from torch.utils.data import DataLoader
 
     from fedsubtype.data.dataset import CaseDataset
     from fedsubtype.model.regions_pool import region_masks
 
-    if model.cfg.task_branches or len(model.extractors) != 1:
+    if len(getattr(model, "extractors", ())) != 1:
         raise UserError("only a network with one shared representation can be refitted",
-                        "use a row of the full model without task_branches")
+                        "use a row with one feature extractor (e.g. full)")
     data = CaseDataset(list(cases), cache)
     reps: list[torch.Tensor] = []
     hook = model.representation.register_forward_hook(lambda module, inputs, output: reps.append(output.detach()))
@@ -66,8 +66,8 @@ def frozen_features(model, cases, cache, batch_size: int = 32) -> np.ndarray:
         with torch.no_grad():
             for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
                 image, regions = batch["image"], batch["regions"]
-                model(image, regions, batch["voxel_mm"])  # size features need it
-                if model.cfg.region_statistics:
+                model(image, regions)
+                if model.cfg.read_out_parts.statistics:
                     stats.append(model.input_statistics(image, region_masks(regions, model.spec.regions)))
     finally:
         hook.remove()
@@ -99,21 +99,20 @@ def trained_runs(results: str | Path, row: str = "full") -> Iterator[TrainedRun]
     from fedsubtype.configio import from_dict
     from fedsubtype.data.manifest import read_manifest
     from fedsubtype.model import ModelConfig, build_model
-    from fedsubtype.model.config import LEGACY_DEFAULTS
-    from fedsubtype.data.preprocess import LEGACY_DEFAULTS as PREP_LEGACY
     from fedsubtype.data.preprocess import PreprocessConfig
+    from fedsubtype.migrate import migrate_result_settings
     from fedsubtype.data.splits import stratified_split
     from fedsubtype.benchmarks.paper import split_external
 
     results = Path(results)
-    cfg = _settings(results)
+    cfg = migrate_result_settings(_settings(results), str(results / "config.yaml"))  # older folders too
     runs = [p.parent / "best_weights.pt" for p in (results / "runs" / row).glob("seed*/done.json")]
     if not runs or not all(p.is_file() for p in runs):
         raise UserError(f"no finished runs/{row}/seed<k> with best_weights.pt", "run the benchmark's network rows "
                         "first", where=str(results))
     runs.sort(key=lambda p: int(p.parent.name.removeprefix("seed")))  # seed 9 before seed 10
-    model_cfg = from_dict(ModelConfig, {**LEGACY_DEFAULTS, **cfg["model"], "variant": row}, "model")
-    cache = PreprocessCache(Path(cfg["cache_dir"]), from_dict(PreprocessConfig, {**PREP_LEGACY, **cfg["preprocess"]}))
+    model_cfg = from_dict(ModelConfig, {**cfg["model"], "variant": row}, "model")
+    cache = PreprocessCache(Path(cfg["cache_dir"]), from_dict(PreprocessConfig, cfg["preprocess"]))
     _, internal, _ = split_external(read_manifest(cfg["manifest"]), cfg.get("external_site"), where=cfg["manifest"])
     for path in runs:
         seed = int(path.parent.name.removeprefix("seed"))

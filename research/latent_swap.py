@@ -9,9 +9,13 @@
    show which latent's recovery limits an image model.
 
 Run from the repository root after a paper benchmark (its test splits are reused):
-    python docs/paper/latent-swap/latent_swap.py --cache cache/sim-32 --size 32 --results results/paper-v7
+
+    python -m research.latent_swap --cache cache/sim-32 --size 32 --results results/paper-v7
+
 Phantom figures are engineering evidence, never clinical claims.
 """
+
+from __future__ import annotations
 
 import argparse
 import warnings
@@ -62,15 +66,15 @@ def case_statistics(img: np.ndarray, reg: np.ndarray, scale: float) -> list[floa
     return out + bands + [bands[0] - bands[3], bands[1] - bands[3], bands[0] - bands[2]]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m research.latent_swap", description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", default="data/phantom/manifest.csv")
     ap.add_argument("--latents", default="data/phantom/latents.csv")
     ap.add_argument("--cache", default="cache/sim-32")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--results", default="results/paper-v7", help="a paper benchmark folder (its test splits)")
     ap.add_argument("--seeds", default="0,1,2")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cases = read_manifest(args.manifest)
     cache = PreprocessCache(Path(args.cache), PreprocessConfig(size=args.size))
     ids = [c.case_id for c in cases]
@@ -105,7 +109,8 @@ def main() -> None:
         swap[col], keep[col] = est[col], lat[col]
         rho = spearmanr(est[col], lat[col])[0]
         print(f"{col:22s} {rho:6.2f}      {np.round(score(swap) - exact, 3)}    {np.round(score(keep) - estimated, 3)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

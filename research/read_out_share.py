@@ -1,9 +1,10 @@
 """How much of a wide-and-deep network's prediction is its linear read-out of the region statistics?
 
-For a row trained with `model.statistics_heads`, each task's logit is the deep path (attention, region
-weighting, representation, head) plus a linear map of the standardised region statistics. This splits the
-test-split logits of every seed into the two parts and reports their spread and the AUC each part reaches
-alone: if the network's ranking is its read-out's, the convolutional part has added nothing.
+For a row trained with `model.read_out: linear_heads` (or `linear_heads_profile`), each task's logit is
+the deep path (attention, region weighting, representation, head) plus a linear map of the standardised
+region statistics. This splits the test-split logits of every seed into the two parts and reports their
+spread and the AUC each part reaches alone: if the network's ranking is its read-out's, the convolutional
+part has added nothing.
 
     python -m research.read_out_share results/paper-wide [--row full]
 """
@@ -34,13 +35,13 @@ def logit_parts(run: TrainedRun, batch_size: int = 32) -> dict[str, dict[str, np
     model = run.model
     if getattr(model, "statistics_heads", None) is None:
         raise UserError("this row's network has no statistics read-outs", "pass a folder trained with "
-                        "--statistics-heads", where=str(run.folder))
+                        "--read-out linear_heads or linear_heads_profile", where=str(run.folder))
     data = CaseDataset(run.splits["test"], run.cache)
     parts: dict[str, dict[str, list]] = {t: {p: [] for p in PARTS} for t in CLASSIFICATION_TASKS}
     with torch.no_grad():
         for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
             image, regions = batch["image"], batch["regions"]
-            raw, _ = model.raw_outputs(image, regions, batch["voxel_mm"])
+            raw, _ = model.raw_outputs(image, regions)
             stats = model.input_statistics(image, region_masks(regions, model.spec.regions))
             for task in CLASSIFICATION_TASKS:
                 read_out = model.statistics_heads(stats, task)
@@ -73,7 +74,7 @@ def read_out_shares(results: str | Path, row: str = "full") -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     table = folder_tool(argv, "python -m research.read_out_share", __doc__,
-                        "network row trained with --statistics-heads (default: full)", read_out_shares,
+                        "network row trained with --read-out linear_heads (default: full)", read_out_shares,
                         "read_out_share")
     return 1 if table is None else 0
 

@@ -6,11 +6,9 @@ import logging
 import multiprocessing
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from fedsubtype.data.cache import PreprocessCache, content_hash
 from fedsubtype.configio import atomic_write_bytes
@@ -21,25 +19,8 @@ from fedsubtype.data.preprocess import PreprocessConfig
 CFG = PreprocessConfig(size=16, margin_mm=2.0)
 
 
-def make_case(folder: Path, case_id: str = "c1", seed: int = 0, radius_mm: float = 6.0) -> Case:
-    """A small body-with-air volume at 1 x 1 x 2 mm with a spherical tumour, written as NIfTI."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(np.arange(16) * 2.0, np.arange(40) * 1.0, np.arange(40) * 1.0, indexing="ij")
-    tumour = ((x - 19.3) ** 2 + (y - 18.7) ** 2 + (z - 15.2) ** 2 <= radius_mm**2).astype(np.uint8)
-    arr = 100 + 5 * rng.standard_normal(z.shape) + 80 * tumour
-    arr[y > 34] = 1.0
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, a in (("img", arr.astype(np.float32)), ("mask", tumour)):
-        im = sitk.GetImageFromArray(a)
-        im.SetSpacing((1.0, 1.0, 2.0))
-        paths.append(folder / f"{case_id}_{name}.nii.gz")
-        sitk.WriteImage(im, str(paths[-1]))
-    return Case(case_id, paths[0], paths[1], "A", {"er": 1.0, "pr": None, "her2": 0.0, "ki67": None})
-
-
-def test_miss_then_hit_returns_the_same_arrays(tmp_path):
-    case = make_case(tmp_path / "data")
+def test_miss_then_hit_returns_the_same_arrays(tmp_path, write_case):
+    case = write_case(tmp_path / "data")
     cache = PreprocessCache(tmp_path / "cache", CFG)
     first, status1 = cache.fetch(case)
     second, status2 = cache.fetch(case)
@@ -52,8 +33,8 @@ def test_miss_then_hit_returns_the_same_arrays(tmp_path):
     assert PreprocessCache(tmp_path / "cache", CFG).fetch(case)[1] == "hit"
 
 
-def test_config_change_gives_a_new_key(tmp_path):
-    case = make_case(tmp_path / "data")
+def test_config_change_gives_a_new_key(tmp_path, write_case):
+    case = write_case(tmp_path / "data")
     a = PreprocessCache(tmp_path / "cache", CFG)
     b = PreprocessCache(tmp_path / "cache", replace(CFG, peri_mm=4.0))
     assert a.key(case) != b.key(case)
@@ -62,21 +43,21 @@ def test_config_change_gives_a_new_key(tmp_path):
     assert a.key(case) == PreprocessCache(tmp_path / "other", PreprocessConfig(size=16, margin_mm=2.0)).key(case)
 
 
-def test_changed_file_invalidates_but_a_touch_does_not(tmp_path):
-    case = make_case(tmp_path / "data")
+def test_changed_file_invalidates_but_a_touch_does_not(tmp_path, write_case):
+    case = write_case(tmp_path / "data")
     cache = PreprocessCache(tmp_path / "cache", CFG)
     key = cache.key(case)
     cache.get(case)
     os.utime(case.image, ns=(1_000_000_000, 1_000_000_000))  # same bytes, new mtime
     assert cache.key(case) == key and cache.fetch(case)[1] == "hit"
-    make_case(tmp_path / "data", seed=1)  # same paths, new image content
+    write_case(tmp_path / "data", seed=1)  # same paths, new image content
     assert cache.key(case) != key
     assert cache.fetch(case)[1] == "miss"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
-def test_damaged_entry_is_detected_and_rebuilt(tmp_path, caplog, damage):
-    case = make_case(tmp_path / "data")
+def test_damaged_entry_is_detected_and_rebuilt(tmp_path, caplog, damage, write_case):
+    case = write_case(tmp_path / "data")
     cache = PreprocessCache(tmp_path / "cache", CFG)
     good = cache.get(case)
     path = cache.path(case)
@@ -102,8 +83,8 @@ def _write_entry(path: str, blob: bytes, barrier) -> None:
         atomic_write_bytes(path, blob)
 
 
-def test_two_processes_writing_one_entry_leave_it_valid(tmp_path):
-    case = make_case(tmp_path / "data")
+def test_two_processes_writing_one_entry_leave_it_valid(tmp_path, write_case):
+    case = write_case(tmp_path / "data")
     cache = PreprocessCache(tmp_path / "cache", CFG)
     pc, status = cache.fetch(case)
     assert status == "miss"
@@ -125,8 +106,8 @@ def test_two_processes_writing_one_entry_leave_it_valid(tmp_path):
     assert not list(cache.path(case).parent.glob("*.tmp")), "no temporary files left behind"
 
 
-def test_warm_counts_and_parallel_workers(tmp_path):
-    cases = [make_case(tmp_path / "data", f"c{i}", seed=i, radius_mm=5.0 + i) for i in range(3)]
+def test_warm_counts_and_parallel_workers(tmp_path, write_case):
+    cases = [write_case(tmp_path / "data", f"c{i}", seed=i, radius_mm=5.0 + i) for i in range(3)]
     cache = PreprocessCache(tmp_path / "cache", CFG)
     cold = cache.warm(cases[:2], progress=False)
     assert (cold["cases"], cold["miss"], cold["hit"], cold["rebuilt"], cold["failed"]) == (2, 2, 0, 0, 0)
@@ -137,9 +118,9 @@ def test_warm_counts_and_parallel_workers(tmp_path):
     assert cache.warm(cases, progress=False)["hit"] == 3
 
 
-def test_warm_raises_or_skips_a_bad_case(tmp_path):
-    good = make_case(tmp_path / "data", "good")
-    empty = make_case(tmp_path / "data", "empty", radius_mm=0.1)  # no voxel inside the tumour
+def test_warm_raises_or_skips_a_bad_case(tmp_path, write_case):
+    good = write_case(tmp_path / "data", "good")
+    empty = write_case(tmp_path / "data", "empty", radius_mm=0.1)  # no voxel inside the tumour
     cache = PreprocessCache(tmp_path / "cache", CFG)
     with pytest.raises(UserError, match="^empty: the tumour mask is empty"):
         cache.warm([good, empty], progress=False)
@@ -148,8 +129,8 @@ def test_warm_raises_or_skips_a_bad_case(tmp_path):
     assert report["problems"] == ["empty: the tumour mask is empty — check the segmentation file (every case needs a tumour)"]
 
 
-def test_missing_file_is_a_user_error(tmp_path):
-    case = make_case(tmp_path / "data")
+def test_missing_file_is_a_user_error(tmp_path, write_case):
+    case = write_case(tmp_path / "data")
     broken = Case("gone", tmp_path / "nope.nii.gz", case.mask, "A", case.labels)
     with pytest.raises(ImageReadError, match="cannot read"):
         PreprocessCache(tmp_path / "cache", CFG).key(broken)

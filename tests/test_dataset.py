@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from torch.utils.data import DataLoader, default_collate
 
@@ -20,28 +17,11 @@ from fedsubtype.data.preprocess import PreprocessConfig
 CFG = PreprocessConfig(size=16, margin_mm=2.0)
 
 
-def make_case(folder: Path, case_id: str, labels: dict, seed: int = 0) -> Case:
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(np.arange(14) * 2.0, np.arange(36) * 1.0, np.arange(36) * 1.0, indexing="ij")
-    tumour = ((x - 17.2) ** 2 + (y - 16.8) ** 2 + (z - 13.1) ** 2 <= 36.0).astype(np.uint8)
-    arr = 100 + 5 * rng.standard_normal(z.shape) + 80 * tumour
-    arr[y > 31] = 1.0
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, a in (("img", arr.astype(np.float32)), ("mask", tumour)):
-        im = sitk.GetImageFromArray(a)
-        im.SetSpacing((1.0, 1.0, 2.0))
-        paths.append(folder / f"{case_id}_{name}.nii.gz")
-        sitk.WriteImage(im, str(paths[-1]))
-    full = {t: labels.get(t) for t in ("er", "pr", "her2", "ki67")}
-    return Case(case_id, paths[0], paths[1], labels.get("site", "S1"), full)
-
-
 @pytest.fixture(scope="module")
-def two_cases(tmp_path_factory):
+def two_cases(tmp_path_factory, write_case):
     folder = tmp_path_factory.mktemp("ds")
-    cases = [make_case(folder, "a", {"er": 1.0, "pr": None, "her2": 0.0, "ki67": 35.0, "site": "S1"}),
-             make_case(folder, "b", {"er": None, "pr": 0.0, "her2": None, "ki67": None, "site": "S2"}, seed=1)]
+    cases = [write_case(folder, "a", site="S1", labels={"er": 1.0, "her2": 0.0, "ki67": 35.0}),
+             write_case(folder, "b", seed=1, site="S2", labels={"pr": 0.0})]
     return cases, PreprocessCache(folder / "cache", CFG)
 
 

@@ -1,4 +1,4 @@
-"""The case manifest (DESIGN.md §2): one CSV row a case, paths relative to the manifest's folder."""
+"""The case manifest (docs/architecture.md): one CSV row a case, paths relative to the manifest's folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Biomarker labels and the latent tumour phenotypes they drive (DESIGN.md §2, docs/phantom.md).
+"""Biomarker labels and the latent tumour phenotypes they drive (docs/phantom.md).
 
 Each case draws its *true* biology (ER, PR, HER2, Ki-67) from a site's prevalence, then a set of
 latent phenotype variables, each a noisy function of the biology plus nuisance variation, and

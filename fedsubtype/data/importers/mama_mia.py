@@ -1,6 +1,6 @@
 """MAMA-MIA layout -> case manifest.
 
-Layout (DESIGN.md §2)::
+Layout (docs/data.md, "Importing MAMA-MIA")::
 
     ROOT/images/{pid}/{pid}_0000.nii.gz        pre-contrast; _0001 first post-contrast, ...
     ROOT/segmentations/expert/{pid}.nii.gz     expert tumour segmentation
