@@ -1,4 +1,4 @@
-"""Pooled (centralized on the union) and local-only (each site alone) training: `training.fit` called directly.
+"""Pooled (centralized on the union) and local-only (each site alone) training, through the one training pipeline.
 
 Both start from the study's initial weights for the seed and train `budget_epochs` epochs, so they see
 the same number of training samples as a federation of `rounds × local_epochs`.
@@ -29,7 +29,7 @@ class TrainedModel:
 
 def train_config(scen: Scenario, seed: int, epochs: int, threads: int | None = None) -> Any:
     """The scenario's TrainConfig for one run: its seed, its epochs, no early stopping (equal budgets)."""
-    from fedsubtype.train.loop import TrainConfig
+    from fedsubtype.train.config import TrainConfig
 
     cfg = from_dict(TrainConfig, copy.deepcopy(scen.training), "scenario.training")
     return replace(cfg, seed=seed, epochs=epochs, patience=None, progress=False, device="cpu",
@@ -52,13 +52,12 @@ def privacy_hook(scen: Scenario, n_train: int, epochs: int, batch_size: int, see
 def train_on(sites: list[str], cohort: Cohort, scen: Scenario, init_model: Any, seed: int,
              out_dir: Path, say: Callable[[str], None]) -> TrainedModel:
     """Train a copy of `init_model` on the union of `sites`' training splits, validating on their val splits."""
-    from fedsubtype.train.loop import fit
+    from fedsubtype.train.pipeline import PipelineJob, run_pipeline
 
     cfg = train_config(scen, seed, scen.federation.budget_epochs)
     train = cohort.dataset(cohort.split(sites, "train"))
     val = cohort.dataset(cohort.split(sites, "val"))
     hook = privacy_hook(scen, len(train), cfg.epochs, cfg.batch_size, seed)
-    model = copy.deepcopy(init_model)
-    result = fit(model, train, val if len(val) else None, cfg, privacy=hook, out_dir=out_dir,
-                 log=lambda line: say(f"    {line}"))
+    job = PipelineJob(lambda: copy.deepcopy(init_model), train, val if len(val) else None, cfg, privacy=hook)
+    result = run_pipeline(job, out_dir=out_dir, log=lambda line: say(f"    {line}")).trained
     return TrainedModel(result.model, list(sites), result.history, result.samples_seen)

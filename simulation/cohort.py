@@ -51,7 +51,7 @@ class Cohort:
     preprocess_config: Any
 
     def dataset(self, cases: list[Case]) -> Any:
-        """A CaseDataset over the cache (augmentation is added by `training.fit` for training sets)."""
+        """A CaseDataset over the cache (augmentation is added by `fedsubtype.train.loop.fit` for training sets)."""
         from fedsubtype.data.dataset import CaseDataset
 
         return CaseDataset(cases, self.cache, augment=None)
@@ -100,7 +100,8 @@ def evaluate_everywhere(model: Any, cohort: Cohort, *, n_boot: int, seed: int,
     """Metrics of `model` on each site's test split and on the pooled test split, plus the pooled predictions."""
     import numpy as np
 
-    from fedsubtype.train.loop import Predictions, predict_dataset, score_predictions
+    from fedsubtype.evaluate.predictions import Predictions, predict_dataset
+    from fedsubtype.evaluate.scoring import score_predictions
 
     everything = [c for site in cohort.partition.sites for c in cohort.split([site], "test")]
     preds = predict_dataset(model, cohort.dataset(everything), batch_size=16, device=device)
@@ -110,8 +111,7 @@ def evaluate_everywhere(model: Any, cohort: Cohort, *, n_boot: int, seed: int,
     def subset(keep: Callable[[str], bool]) -> Predictions:
         idx = np.array([i for i, cid in enumerate(preds.case_ids) if keep(site_of[cid])], dtype=int)
         # sites are the partition's virtual sites (the manifest's own site column may differ)
-        return Predictions([preds.case_ids[i] for i in idx], [site_of[preds.case_ids[i]] for i in idx],
-                           preds.probs[idx], preds.ki67[idx], preds.labels[idx])
+        return preds.subset(idx, sites=[site_of[preds.case_ids[i]] for i in idx])
 
     metrics: dict[str, dict[str, Any]] = {}
     for site in cohort.partition.sites:

@@ -6,7 +6,6 @@ Ki-67 predicted vs true on the pooled test split, and the leave-one-site-out dro
 
 from __future__ import annotations
 
-import io
 import math
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -16,15 +15,17 @@ from typing import Any
 import numpy as np
 
 from fedsubtype import CLASSIFICATION_TASKS
-from fedsubtype.configio import atomic_write_bytes, atomic_write_text
+from fedsubtype.configio import atomic_write_text
+from fedsubtype.evaluate.experiments import mean_sd, pyplot, roc_points, save_png
 
 from .cohort import POOLED
+from .runs import ALL_SITES as ALL
+from .runs import RunKey
 from .scenario import Scenario
 
 DISCLAIMER = ("**Phantom results are engineering evidence, not clinical claims.** They show that the pipeline, "
               "the federation and the protocol behave as designed on synthetic images whose biology is known; "
               "they say nothing about performance on patients.")
-ALL = "none"
 METRICS = ("mean_auc", "er_auc", "pr_auc", "her2_auc", "ki67_mae")
 HEAD = {"mean_auc": "mean AUC", "er_auc": "ER AUC", "pr_auc": "PR AUC", "her2_auc": "HER2 AUC", "ki67_mae": "Ki-67 MAE (pp)"}
 
@@ -55,14 +56,6 @@ def run_value(rec: dict[str, Any], test_site: str, metric: str, own_site: bool =
     vals = [_value(rec, ev["model"], ev["model"] if own_site else test_site, metric) for ev in rec["evaluations"]]
     vals = [v for v in vals if math.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
-
-
-def mean_sd(values: list[float]) -> tuple[float, float, int]:
-    """Mean, sample sd (0 for one value) and count of the finite values."""
-    vals = [v for v in values if math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -257,24 +250,8 @@ def label_table(partitions: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def _figure() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _figure().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_labels(partitions: dict[str, Any], path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.4), squeeze=False)
     for ax, (setting, part) in zip(axes[0], partitions.items()):
         table = part.label_table()
@@ -289,7 +266,7 @@ def plot_labels(partitions: dict[str, Any], path: Path) -> None:
         ax.tick_params(axis="x", rotation=45)
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle("Molecular subtype per virtual site (phantom)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def _history_points(rec: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -305,7 +282,7 @@ def _history_points(rec: dict[str, Any]) -> tuple[list[float], list[float]]:
 
 
 def plot_convergence(records: list[dict[str, Any]], path: Path) -> bool:
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     drawn = False
     for setting in _settings(records):
@@ -324,7 +301,7 @@ def plot_convergence(records: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
     return drawn
 
 
@@ -356,7 +333,7 @@ def plot_sweep(records: list[dict[str, Any]], path: Path) -> bool:
     settings = _settings(records)
     if len(settings) < 2:
         return False
-    plt = _figure()
+    plt = pyplot()
     fig, (ax_auc, ax_mae) = plt.subplots(1, 2, figsize=(10, 3.8))
     x = np.arange(len(settings))
     methods = [m for m in _methods(records) if any(_select(records, method=m, holdout=ALL))]
@@ -379,12 +356,12 @@ def plot_sweep(records: list[dict[str, Any]], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Against the swept setting (mean ± sd over seeds; phantom)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
     return True
 
 
 def plot_per_site(records: list[dict[str, Any]], sites: list[str], path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     settings = _settings(records)
     fig, axes = plt.subplots(1, len(settings), figsize=(max(6, 1.3 * len(sites) + 3) * len(settings), 3.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
@@ -404,14 +381,11 @@ def plot_per_site(records: list[dict[str, Any]], sites: list[str], path: Path) -
         ax.set_title(setting, fontsize=10)
         ax.legend(fontsize=7)
     fig.suptitle("Per-site AUC per method (phantom; local-only = each site's own model)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def _predictions(root: Path, rec: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    from .runner import RunKey
-
-    key = RunKey(rec["setting"], rec["method"], rec["family"], tuple(sorted(rec["params"].items())), rec["seed"], rec["holdout"])
-    path = key.folder(root) / "predictions.npz"
+    path = RunKey.of_record(rec).folder(root) / "predictions.npz"
     if not path.is_file():
         return None
     with np.load(path) as data:
@@ -429,21 +403,17 @@ def _first_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_roc(records: list[dict[str, Any]], root: Path, path: Path) -> None:
-    from sklearn.metrics import roc_curve
-
-    plt = _figure()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for rec in _first_runs(records):
         preds = _predictions(root, rec)
         if preds is None:
             continue
         for j, (ax, task) in enumerate(zip(axes, CLASSIFICATION_TASKS)):
-            y, p = preds["global__labels"][:, j], preds["global__probs"][:, j]
-            keep = ~np.isnan(y)
-            if keep.sum() == 0 or len(np.unique(y[keep])) < 2:
+            points = roc_points(preds["global__labels"][:, j], preds["global__probs"][:, j])
+            if points is None:
                 continue
-            fpr, tpr, _ = roc_curve(y[keep], p[keep])
-            ax.plot(fpr, tpr, label=f"{rec['method']} (AUC {run_value(rec, POOLED, task + '_auc'):.2f})")
+            ax.plot(*points, label=f"{rec['method']} (AUC {run_value(rec, POOLED, task + '_auc'):.2f})")
     for ax, task in zip(axes, CLASSIFICATION_TASKS):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
         ax.set_title(f"{task.upper()} — pooled test split", fontsize=10)
@@ -451,11 +421,11 @@ def plot_roc(records: list[dict[str, Any]], root: Path, path: Path) -> None:
         ax.set_ylabel("sensitivity")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("ROC curves (first seed, all sites; phantom)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def plot_ki67(records: list[dict[str, Any]], root: Path, path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     runs = _first_runs(records)
     fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(3.4 * max(1, len(runs)), 3.4), squeeze=False)
     for ax, rec in zip(axes[0], runs):
@@ -472,11 +442,11 @@ def plot_ki67(records: list[dict[str, Any]], root: Path, path: Path) -> None:
         ax.set_ylabel("predicted Ki-67 (%)")
         ax.set_title(f"{rec['method']} (MAE {run_value(rec, POOLED, 'ki67_mae'):.1f})", fontsize=9)
     fig.suptitle("Ki-67 predicted vs true, pooled test split (first seed; phantom)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 def plot_loso(rows: list[dict[str, Any]], path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     methods = sorted({r["method"] for r in rows})
     sites = sorted({r["site"] for r in rows})
@@ -494,7 +464,7 @@ def plot_loso(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("mean-AUC drop when the site is unseen")
     ax.set_title("Leave-one-site-out drop with 95 % CI (phantom)", fontsize=10)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path, tight=True)
 
 
 # ---------------------------------------------------------------- the document

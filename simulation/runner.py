@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,34 +19,14 @@ import numpy as np
 
 from fedsubtype import CLASSIFICATION_TASKS
 from fedsubtype.configio import atomic_write_bytes, atomic_write_text, dump_yaml, from_dict
+from fedsubtype.evaluate.experiments import mark_finished
 
 from .cohort import POOLED, Cohort, evaluate_everywhere, load_cohort
+from .report import run_value, write_report
+from .runs import ALL_SITES, RunKey, load_record
 from .scenario import FEDERATED, Scenario
 
-ALL_SITES = "none"
-"""`holdout` value of runs that train on every internal site."""
-
 RESULT_COLUMNS = ("setting", "method", "seed", "holdout", "train_sites", "test_site", "metric", "value", "config_hash")
-
-
-@dataclass(frozen=True)
-class RunKey:
-    """One unit of work: a method variant trained with one seed, with or without a held-out site."""
-
-    setting: str
-    method: str
-    family: str
-    params: tuple[tuple[str, Any], ...]
-    seed: int
-    holdout: str
-
-    def folder(self, root: Path) -> Path:
-        safe = self.method.replace("(", "_").replace(")", "").replace("=", "").replace(" ", "")
-        return root / "runs" / self.setting / safe / f"seed{self.seed}" / f"holdout-{self.holdout}"
-
-    def label(self) -> str:
-        where = "all sites" if self.holdout == ALL_SITES else f"without {self.holdout}"
-        return f"[{self.setting}] {self.method} seed {self.seed} ({where})"
 
 
 def plan_runs(scen: Scenario, setting: str, sites: list[str]) -> list[RunKey]:
@@ -68,7 +47,7 @@ def plan_runs(scen: Scenario, setting: str, sites: list[str]) -> list[RunKey]:
 def initial_model(scen: Scenario, seed: int) -> Any:
     """The same initial weights for every method of a seed."""
     from fedsubtype.model import ModelConfig, build_model
-    from fedsubtype.train.loop import seed_everything
+    from fedsubtype.train.runtime import seed_everything
 
     seed_everything(seed)  # as the ServerApp does before building the initial global model
     return build_model(from_dict(ModelConfig, copy.deepcopy(scen.model), "scenario.model"))
@@ -132,9 +111,9 @@ def execute_run(key: RunKey, scen: Scenario, cohort: Cohort, root: Path, config_
             say(f"  local model of {site}")
             trained[site] = train_on([site], cohort, scen, init, key.seed, folder / f"local-{site}", say)
     elif key.family in FEDERATED:
-        from .engine import run_federation
+        from .engine import run_simulated_federation
 
-        trained.update(run_federation(key, scen, cohort, train_sites, init, folder / "federation", say, verbose))
+        trained.update(run_simulated_federation(key, scen, cohort, train_sites, init, folder / "federation", say, verbose))
     else:  # guarded by the scenario schema
         raise ValueError(key.family)
     evaluations, rows, pooled_preds = [], [], {}
@@ -151,7 +130,7 @@ def execute_run(key: RunKey, scen: Scenario, cohort: Cohort, root: Path, config_
         "evaluations": evaluations, "rows": rows, "wall_s": time.perf_counter() - t0,
     }
     _save_predictions(folder / "predictions.npz", pooled_preds)
-    atomic_write_text(folder / "result.json", json.dumps(record, indent=1, default=_jsonable))
+    mark_finished(folder / "result.json", record, indent=1, default=_jsonable)
     return record
 
 
@@ -161,20 +140,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def load_record(key: RunKey, root: Path, config_hash: str | None = None) -> dict[str, Any] | None:
-    """A finished run's record, or None (missing, half-written, or made under another configuration)."""
-    path = key.folder(root) / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if config_hash is not None and record.get("config_hash") != config_hash:
-        return None
-    return record
 
 
 def write_results_csv(records: list[dict[str, Any]], path: Path) -> None:
@@ -234,8 +199,6 @@ def report_only(scen: Scenario, say: Callable[[str], None] = print) -> Path:
         records += [r for key in plan_runs(sub, setting, cohort.partition.internal_sites())
                     if (r := load_record(key, root)) is not None]  # whatever finished; hashes are in the table
     write_results_csv(records, root / "results.csv")
-    from .report import write_report
-
     path = write_report(scen, records, partitions, root)
     say(f"report: {path} ({len(records)} finished runs)")
     return path
@@ -265,8 +228,6 @@ def run_study(scen: Scenario, *, root: Path | None = None, say: Callable[[str], 
                 continue
             say(f"run {i}/{len(keys)} {key.label()}: training ...")
             rec = execute_run(key, sub, cohort, root, config_hash, say, verbose)
-            from .report import run_value
-
             pooled = run_value(rec, POOLED, "mean_auc")
             summary = f"pooled-test mean AUC {pooled:.3f}" if np.isfinite(pooled) else "done"
             say(f"run {i}/{len(keys)} {key.label()}: {summary} in {rec['wall_s']:.0f} s "
@@ -275,8 +236,6 @@ def run_study(scen: Scenario, *, root: Path | None = None, say: Callable[[str], 
             ran += 1
         write_results_csv(records, root / "results.csv")
     if report:
-        from .report import write_report
-
         write_report(scen, records, partitions, root)
         say(f"report: {root / 'report.md'}")
     return StudyOutcome(root, records, ran, skipped)

@@ -197,14 +197,11 @@ class Scenario:
         so a run finished under one invocation is reused by another that asks for the same run."""
         data = to_dict(self)
         data.update(resolved_sections(self, "scenario"))  # library defaults count: a changed default changes runs
-        from fedsubtype.model.config import LEGACY_DEFAULTS as MODEL_LEGACY
-        from fedsubtype.data.preprocess import LEGACY_DEFAULTS as PREPROCESS_LEGACY, PREPROCESS_VERSION
+        from fedsubtype.data.preprocess import PREPROCESS_VERSION
+        from fedsubtype.migrate import run_identity
 
-        for section, legacy in (("model", MODEL_LEGACY), ("preprocess", PREPROCESS_LEGACY)):
-            for key, before in legacy.items():  # a key added later, at the value that reproduces the runs before it
-                if data[section].get(key, before) == before:
-                    data[section].pop(key, None)
-
+        for section in ("model", "preprocess", "privacy"):  # as hashed since the first runs, so finished runs stay valid
+            data[section] = run_identity(section, data[section])
         data["preprocess_version"] = PREPROCESS_VERSION
         for key in ("name", "output_dir", "ray", "description", "methods", "seeds", "leave_one_site_out",
                     "loso_methods", "include_all_sites", "sweep", "evaluate_every_round"):
@@ -217,7 +214,7 @@ class Scenario:
 SUB_CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("preprocess", "fedsubtype.data.preprocess", "PreprocessConfig"),
     ("model", "fedsubtype.model", "ModelConfig"),
-    ("training", "fedsubtype.train.loop", "TrainConfig"),
+    ("training", "fedsubtype.train.config", "TrainConfig"),
     ("privacy", "fedsubtype.privacy", "PrivacyConfig"),
 )
 """Pass-through sections and the library config class each must satisfy."""
@@ -239,10 +236,13 @@ def _check_sub_configs(scen: Scenario, where: str) -> None:
     resolved_sections(scen, where)
     private = scen.privacy.get("enabled") or (scen.sweep is not None and scen.sweep.param == "privacy.target_epsilon"
                                               and any(v not in (None, "inf", "none") for v in scen.sweep.values))
-    if scen.model.get("statistics_heads") and private:
-        raise ConfigError("model.statistics_heads starts from linear models fitted on each site's cases, which "
-                          "differential privacy does not cover", "turn statistics_heads or privacy off",
-                          where=f"{where}.model.statistics_heads")
+    from fedsubtype.model.config import READ_OUT_PARTS
+
+    read_out = scen.model.get("read_out", "none")
+    if READ_OUT_PARTS[read_out].linear_heads and private:
+        raise ConfigError(f"read_out {read_out!r} starts from linear models fitted on each site's cases, which "
+                          "differential privacy does not cover", "use read_out none or statistics, or turn privacy off",
+                          where=f"{where}.model.read_out")
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:

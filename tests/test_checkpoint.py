@@ -126,24 +126,69 @@ def test_incompatible_config(saved, tmp_path: Path) -> None:
     _assert_one_line(bad, "attention_heads")
 
 
-def test_model_file_from_before_tumour_range_keeps_its_clipping(saved, tmp_path: Path) -> None:
+V1_MODEL_KEYS = {"physical_size": False, "stem": "strided", "pooling": "mean", "region_mixing": "softmax_sum",
+                 "task_branches": False, "region_statistics": False, "statistics_heads": False,
+                 "peritumoral_profile": False}
+"""The options a settings-version-1 model file could hold besides today's, at their default values."""
+
+
+def _as_version_1(path: Path, out: Path, **switches) -> Path:
+    """`path` rewritten as fedsubtype wrote it before settings version 2: format version 1, the old options."""
+    payload = torch.load(path, weights_only=True)
+    old = {k: v for k, v in payload["model_config"].items() if k != "read_out"}
+    return _rewrite(path, out, format_version=1, model_config={**old, **V1_MODEL_KEYS, **switches})
+
+
+def test_new_model_files_store_the_settings_version(saved) -> None:
+    from fedsubtype.migrate import SETTINGS_VERSION
+
     payload = torch.load(saved[0], weights_only=True)
-    old = {k: v for k, v in payload["preprocess_config"].items() if k != "keep_tumour_range"}
-    _, bundle = read_bundle(_rewrite(saved[0], tmp_path / "old.pt", preprocess_config=old))
-    assert bundle.preprocess_config.keep_tumour_range is False  # preprocessed as it was trained
+    assert FORMAT_VERSION == SETTINGS_VERSION == payload["format_version"] == 2
+    assert payload["model_config"]["read_out"] == "none" and "statistics_heads" not in payload["model_config"]
+
+
+def test_version_1_model_file_with_the_old_keys_at_their_defaults_loads(saved, tmp_path: Path) -> None:
+    path, model, mcfg, _ = saved
+    old = _as_version_1(path, tmp_path / "v1.pt")
+    loaded, bundle = load_model(old)
+    assert bundle.model_config == mcfg and bundle.format_version == 1
+    image, regions = _inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(image, regions)["logits"], model(image, regions)["logits"])
+    # written before some of those keys existed: a missing key means the network from before it
+    payload = torch.load(old, weights_only=True)
+    older = {k: v for k, v in payload["model_config"].items() if k not in ("pooling", "statistics_heads", "stem")}
+    assert read_bundle(_rewrite(old, tmp_path / "older.pt", model_config=older))[1].model_config == mcfg
+
+
+def test_version_1_read_out_switches_become_the_read_out(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    small = dict(width=8, groups=4, feature_dim=16, hidden_dim=16)
+    best = ModelConfig(**small, read_out="linear_heads_profile")
+    path = tmp_path / "best.pt"
+    save_model(path, build_model(best), model_config=best, preprocess_config=PreprocessConfig(size=S), metadata={})
+    old = _as_version_1(path, tmp_path / "v1.pt", region_statistics=True, statistics_heads=True, peritumoral_profile=True)
+    model, bundle = load_model(old)  # the stored weights fit the network the three switches built
+    assert bundle.model_config == best and model.statistics_heads is not None
+
+
+@pytest.mark.parametrize(("switches", "named"), [
+    ({"pooling": "mean_std"}, "pooling"), ({"physical_size": True}, "physical_size"),
+    ({"task_branches": True}, "task_branches"), ({"stem": "deep"}, "stem"), ({"region_mixing": "gated_concat"}, "region_mixing"),
+    ({"statistics_heads": True}, "statistics_heads=True"),  # the read-outs without the statistics: not offered
+])
+def test_version_1_file_with_a_removed_option_is_refused_in_one_line(saved, tmp_path: Path, switches, named) -> None:
+    old = _as_version_1(saved[0], tmp_path / "v1.pt", **switches)
+    _assert_one_line(old, f"{named}.*settings version 2")
+
+
+def test_version_1_preprocessing_keeps_its_clipping(saved, tmp_path: Path) -> None:
+    old = _as_version_1(saved[0], tmp_path / "v1.pt")
+    payload = torch.load(old, weights_only=True)
+    prep = {k: v for k, v in payload["preprocess_config"].items() if k != "keep_tumour_range"}
+    _, bundle = read_bundle(_rewrite(old, tmp_path / "v1-prep.pt", preprocess_config=prep))
+    assert bundle.preprocess_config.keep_tumour_range is False  # the value before the key existed
     assert read_bundle(saved[0])[1].preprocess_config.keep_tumour_range is True
-
-
-def test_model_file_from_before_the_newer_network_options_builds_the_network_it_was_trained_as(saved, tmp_path: Path) -> None:
-    from fedsubtype.model.config import LEGACY_DEFAULTS
-
-    payload = torch.load(saved[0], weights_only=True)
-    old = {k: v for k, v in payload["model_config"].items() if k not in LEGACY_DEFAULTS}
-    path = _rewrite(saved[0], tmp_path / "old.pt", model_config=old)
-    _, bundle = read_bundle(path)
-    assert {k: getattr(bundle.model_config, k) for k in LEGACY_DEFAULTS} == LEGACY_DEFAULTS
-    model, _ = load_model(path)  # the stored weights fit the network rebuilt from the legacy values
-    assert not model.training
 
 
 def test_weights_that_do_not_fit(saved, tmp_path: Path) -> None:

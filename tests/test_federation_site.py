@@ -58,7 +58,9 @@ def test_site_lifecycle(algo):
     assert tuple(metrics) == TRAIN_METRIC_KEYS
     assert len(w1) == len(w0) and any(not np.array_equal(a, b) for a, b in zip(w0, w1))
     n_val, ev = algo.evaluate(w1, ROUND)
-    assert n_val == len(algo.splits["val"]) and tuple(ev) == EVAL_METRIC_KEYS
+    assert n_val == len(algo.splits["val"]) and ev["num-examples"] == n_val
+    assert list(ev) == [k for k in EVAL_METRIC_KEYS if k in ev]  # allow-listed keys only, in order
+    assert ev["metrics-omitted"] == 5 - (len(ev) - 2)  # a small validation split: metrics withheld, counted
     # same inputs and seed -> same weights
     w1b, _, _ = algo.train(w0, {**ROUND, "proximal-mu": 0.1})
     assert all(np.array_equal(a, b) for a, b in zip(w1, w1b))
@@ -70,7 +72,7 @@ def test_statistics_heads_are_fitted_by_the_site_in_the_first_round_only(algo):
     from fedsubtype.federation.site_algo import get_weights
     from fedsubtype.model import ModelConfig, build_model
 
-    wide = {**TINY_MODEL, "statistics_heads": True}
+    wide = {**TINY_MODEL, "read_out": "linear_heads"}
     cfg = {**ROUND, "model-config": json.dumps(wide)}
     torch.manual_seed(0)
     w0 = get_weights(build_model(ModelConfig(**wide)))
@@ -144,7 +146,11 @@ def test_clientapp_replies_carry_only_weights_and_aggregates(site_file, algo):
         assert not reply.has_error()
         content = reply.content
         assert set(content.metric_records) == {"metrics"}
-        assert tuple(content["metrics"].keys()) == keys  # exactly the allow-list, in order
+        sent_keys = tuple(content["metrics"].keys())
+        if kind == "train":
+            assert sent_keys == keys  # exactly the allow-list, in order
+        else:  # metrics over too few cases are absent; the count of those withheld is sent instead
+            assert sent_keys == tuple(k for k in keys if k in sent_keys) and "metrics-omitted" in sent_keys
         assert all(isinstance(v, float) for v in content["metrics"].values())
         assert set(content.config_records) == {"site"} and dict(content["site"]) == {"name": "site1"}
         if kind == "train":
@@ -210,3 +216,29 @@ def test_a_clientapp_process_reads_the_cache_lazily(site_file, algo, tmp_path):
     assert metrics.keys() == expected.keys()
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5, nan_ok=True)
+
+
+def test_metrics_over_too_few_cases_stay_at_the_site(algo, monkeypatch):
+    """min_cases_per_metric above the validation split: every gated metric is absent and counted as omitted."""
+    n_val = len(algo.splits["val"])
+    monkeypatch.setattr(algo.site.limits, "min_cases_per_metric", n_val + 1)
+    _, ev = algo.evaluate(_global_weights(), ROUND)
+    assert ev == {"num-examples": n_val, "metrics-omitted": 5}
+    monkeypatch.setattr(algo.site.limits, "min_cases_per_metric", 1)
+    _, ev = algo.evaluate(_global_weights(), ROUND)
+    assert "ki67-mae" in ev and ev["metrics-omitted"] == 5 - (len(ev) - 2)
+
+
+def test_clientapp_passes_a_declined_rounds_line_to_the_coordinator(site_file):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from client.client_app import app
+
+    ctx = Context(run_id=1, node_id=7, node_config={"site-config": str(site_file)}, state=RecordDict(), run_config={})
+    msg = _message("train", RecordDict({"arrays": ArrayRecord(_global_weights()),
+                                        "config": ConfigRecord({**ROUND, "batch-size": 1})}))
+    with pytest.raises(RuntimeError) as err:
+        app(msg, ctx)
+    text = str(err.value)
+    assert "batch size 1 below the site's min_batch_size 4" in text and "\n" not in text
+    assert str(site_file.parent) not in text

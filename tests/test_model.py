@@ -29,9 +29,8 @@ def _case(batch: int = 2, size: int = S, seed: int = 0) -> tuple[torch.Tensor, t
     return image, regions
 
 
-def _eval_model(variant: str, seed: int = 0, mixing: str = "softmax_sum") -> torch.nn.Module:
-    return build_model(ModelConfig(variant=variant, width=8, feature_dim=16, hidden_dim=16, region_mixing=mixing),
-                       seed=seed).eval()
+def _eval_model(variant: str, seed: int = 0) -> torch.nn.Module:
+    return build_model(ModelConfig(variant=variant, width=8, feature_dim=16, hidden_dim=16), seed=seed).eval()
 
 
 def test_variants_are_the_paper_rows() -> None:
@@ -73,44 +72,19 @@ def test_attention_scales_per_variant() -> None:
     assert torch.all(uniform == 1)
 
 
-@pytest.mark.parametrize("mixing", ["softmax_sum", "gated_concat"])
-def test_region_weights_follow_the_variant_and_absent_regions(mixing: str) -> None:
+def test_region_weights_follow_the_variant_and_absent_regions() -> None:
     image, regions = _case()
-    w_core = _eval_model("core_only", mixing=mixing)(image, regions, explain=True)["region_weights"]
+    w_core = _eval_model("core_only")(image, regions, explain=True)["region_weights"]
     torch.testing.assert_close(w_core, torch.tensor([[1.0, 0.0, 0.0]] * 2))
-    w_np = _eval_model("no_peritumoral", mixing=mixing)(image, regions, explain=True)["region_weights"]
+    w_np = _eval_model("no_peritumoral")(image, regions, explain=True)["region_weights"]
     assert torch.all(w_np[:, 2] == 0) and torch.all(w_np[:, :2] > 0)
     no_peri = torch.where(regions == 3, torch.zeros_like(regions), regions)
-    w_full = _eval_model("full", mixing=mixing)(image, no_peri, explain=True)["region_weights"]
+    w_full = _eval_model("full")(image, no_peri, explain=True)["region_weights"]
     assert torch.all(w_full[:, 2] == 0)
     torch.testing.assert_close(w_full.sum(1), torch.ones(2))
     empty = torch.zeros_like(regions)
-    w_empty = _eval_model("full", mixing=mixing)(image, empty, explain=True)["region_weights"]
+    w_empty = _eval_model("full")(image, empty, explain=True)["region_weights"]
     torch.testing.assert_close(w_empty, torch.full((2, 3), 1 / 3))
-
-
-def test_gated_concat_keeps_each_region_in_its_own_slot() -> None:
-    from fedsubtype.model.regions_pool import RegionWeighting
-
-    torch.manual_seed(0)
-    module = RegionWeighting(4, ("core", "rim", "peritumoral"), mixing="gated_concat")
-    assert module.out_dim == 12
-    feats = torch.randn(2, 4, 4, 4, 4)
-    fractions = torch.rand(2, 3, 4, 4, 4)
-    fractions[1, 2] = 0.0  # the second case has no peritumoral tissue
-    vector, weights = module(feats, fractions, None)
-    assert vector.shape == (2, 12)
-    assert torch.all(vector[1, 8:] == 0) and torch.any(vector[0, 8:] != 0)
-    assert weights[1, 2] == 0 and torch.all(weights[0] > 0)
-    torch.testing.assert_close(weights.sum(1), torch.ones(2))
-    # each slot is that region's projected vector scaled by its own sigmoid gate (no competition)
-    pooled = (torch.einsum("bcxyz,brxyz->brc", feats, fractions)
-              / fractions.flatten(2).sum(-1).clamp_min(1e-6).unsqueeze(-1))
-    gates = torch.sigmoid(module.gate(pooled.flatten(1)))
-    core = gates[0, 0] * torch.nn.functional.silu(module.proj["core"](pooled[0, 0]))
-    torch.testing.assert_close(vector[0, :4], core)
-    with pytest.raises(ConfigError, match="model.region_mixing"):
-        from_dict(ModelConfig, {"region_mixing": "max"}, "model")
 
 
 @pytest.mark.parametrize("size", [24, 32])
@@ -246,60 +220,33 @@ def test_config_from_yaml_mapping() -> None:
         from_dict(ModelConfig, {"dropout": 1.5}, "model")
 
 
-def test_physical_size_features_by_hand() -> None:
-    from fedsubtype.model.network import size_features
+def test_read_out_is_one_option_with_its_allowed_values_in_one_place() -> None:
+    from fedsubtype.model.config import READ_OUT_PARTS, READ_OUTS
 
-    _, regions = _case(batch=2)
-    tumour = int(((regions[0] == 1) | (regions[0] == 2)).sum())
-    core = int((regions[0] == 1).sum())
-    voxel = torch.tensor([1.0, 2.0])
-    got = size_features(regions, voxel, ("core", "rim", "peritumoral"))
-    want = torch.tensor([[math.log1p(tumour / 1000), math.log(S / 40)],
-                         [math.log1p(tumour * 8 / 1000), math.log(2 * S / 40)]])
-    torch.testing.assert_close(got, want)
-    core_only = size_features(regions, voxel, ("core",))
-    assert float(core_only[0, 0]) == pytest.approx(math.log1p(core / 1000))
-
-
-def test_physical_size_changes_outputs_and_is_required() -> None:
-    model = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16, physical_size=True), seed=0).eval()
-    image, regions = _case()
-    with torch.no_grad():
-        small = model(image, regions, voxel_mm=torch.tensor([0.5, 0.5]))
-        large = model(image, regions, voxel_mm=torch.tensor([2.0, 2.0]))
-    assert not torch.allclose(small["logits"], large["logits"])
-    with pytest.raises(ValueError, match="voxel_mm"):
-        model(image, regions)
-    with pytest.raises(ValueError, match="positive"):
-        model(image, regions, voxel_mm=torch.tensor([1.0, float("nan")]))
-    plain = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0).eval()
-    with torch.no_grad():  # without the flag the size is ignored
-        torch.testing.assert_close(plain(image, regions, voxel_mm=torch.tensor([0.5, 0.5]))["logits"],
-                                   plain(image, regions, voxel_mm=torch.tensor([2.0, 2.0]))["logits"])
+    assert READ_OUTS == ("none", "statistics", "linear_heads", "linear_heads_profile")
+    assert ModelConfig().read_out == "none" and ModelConfig().read_out_parts == READ_OUT_PARTS["none"]
+    parts = [READ_OUT_PARTS[name] for name in READ_OUTS]  # each value adds to the one before it
+    assert [(p.statistics, p.linear_heads, p.profile) for p in parts] == [
+        (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    with pytest.raises(ConfigError, match="model.read_out.*'wide' is not allowed.*linear_heads_profile") as err:
+        from_dict(ModelConfig, {"read_out": "wide"}, "model")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="model.read_out"):
+        ModelConfig(read_out="wide").validate()  # built in code, not from YAML: the same values
+    for removed in ("stem", "pooling", "region_mixing", "task_branches", "physical_size", "region_statistics",
+                    "statistics_heads", "peritumoral_profile"):
+        with pytest.raises(ConfigError, match=f"unknown key '{removed}'"):
+            from_dict(ModelConfig, {removed: False}, "model")
 
 
-def test_physical_size_per_sample_gradients_with_opacus() -> None:
-    model = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16, physical_size=True), seed=0)
-    gsm = GradSampleModule(model)
-    image, regions = _case(batch=3)
-    out = gsm(image, regions, voxel_mm=torch.tensor([0.8, 1.0, 1.5]))
-    (out["logits"].sum() + out["ki67"].sum()).backward()
-    for name, p in gsm.named_parameters():
-        assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name
+def test_the_model_config_loads_without_torch() -> None:
+    """The CLI's parsers read the allowed values from the config module before anything imports torch."""
+    import subprocess
+    import sys
 
-
-@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_deep_stem_reads_the_full_resolution_and_stays_private_compatible() -> None:
-    strided = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16), seed=0)
-    deep = build_model(ModelConfig(width=8, feature_dim=16, hidden_dim=16, stem="deep"), seed=0)
-    # the new full-resolution conv takes over the input channels; the stride-2 conv now maps 8 -> 8, plus a GroupNorm
-    assert count_parameters(deep) - count_parameters(strided) == 8 * 8 * 27 + 2 * 8
-    first = deep.extractors[0].stem[0]
-    assert isinstance(first, torch.nn.Conv3d) and first.stride == (1, 1, 1)
-    assert ModuleValidator.validate(deep, strict=True) == []
-    _assert_per_sample_gradients(deep)
-    with pytest.raises(ConfigError, match="model.stem"):
-        from_dict(ModelConfig, {"stem": "wide"}, "model")
+    code = ("import sys; from fedsubtype.model.config import READ_OUTS; from fedsubtype.migrate import run_identity; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_weighted_moments_match_a_hand_computed_mean_and_standard_deviation() -> None:
@@ -323,42 +270,6 @@ def test_weighted_moments_match_a_hand_computed_mean_and_standard_deviation() ->
                 assert out[b, r, 3 + c].item() == pytest.approx(sd, abs=1e-3)  # sqrt(var + 1e-6)
     assert out[1, 1, 3:].max().item() == pytest.approx(1e-3, rel=1e-3)
     torch.testing.assert_close(weighted_moments(feats, weights, std=False), out[..., :3])
-
-
-@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_mean_std_pooling_reads_twice_the_features_and_stays_private_compatible() -> None:
-    small = dict(width=8, feature_dim=16, hidden_dim=16)
-    mean = build_model(ModelConfig(**small), seed=0)
-    both = build_model(ModelConfig(**small, pooling="mean_std"), seed=0)
-    # each region's projection and the gate's first layer read twice the features: 3·16·16 + 3·16·16
-    assert count_parameters(both) - count_parameters(mean) == 2 * 3 * 16 * 16
-    assert ModuleValidator.validate(both, strict=True) == []
-    _assert_per_sample_gradients(both)
-    with pytest.raises(ConfigError, match="model.pooling"):
-        from_dict(ModelConfig, {"pooling": "max"}, "model")
-
-
-@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_task_branches_give_each_task_its_own_attention_and_regions() -> None:
-    small = dict(width=8, feature_dim=16, hidden_dim=16)
-    shared = build_model(ModelConfig(**small), seed=0)
-    branched = build_model(ModelConfig(**small, task_branches=True), seed=0).eval()
-    branch = sum(p.numel() for p in branched.task_branches["er"].parameters())
-    assert count_parameters(branched) - count_parameters(shared) == 3 * branch  # four sets instead of one
-    image, regions = _case()
-    with torch.no_grad():
-        before = branched(image, regions, explain=True)
-        for p in branched.task_branches["her2"].parameters():
-            p.add_(0.5 * torch.randn_like(p))
-        after = branched(image, regions)
-    torch.testing.assert_close(after["logits"][:, :2], before["logits"][:, :2])  # ER, PR untouched
-    torch.testing.assert_close(after["ki67"], before["ki67"])
-    assert not torch.allclose(after["logits"][:, 2], before["logits"][:, 2])
-    assert set(before["attention"]) == {"scale_1", "scale_2", "scale_3", "fused"}  # averaged over the tasks
-    torch.testing.assert_close(before["region_weights"].sum(1), torch.ones(2))
-    _assert_per_sample_gradients(build_model(ModelConfig(**small, task_branches=True), seed=0))
-    with pytest.raises(ConfigError, match="model.task_branches"):
-        from_dict(ModelConfig, {"task_branches": "yes"}, "model")
 
 
 def test_region_statistics_by_hand() -> None:
@@ -397,11 +308,11 @@ def test_region_statistics_widen_only_the_representation_and_respect_the_variant
 
     small = dict(width=8, feature_dim=16, hidden_dim=16)
     plain = build_model(ModelConfig(**small), seed=0)
-    stats = build_model(ModelConfig(**small, region_statistics=True), seed=0)
+    stats = build_model(ModelConfig(**small, read_out="statistics"), seed=0)
     # only the representation's layer (16 units) widens: it reads 3 regions' statistics too
     assert count_parameters(stats) - count_parameters(plain) == 3 * STATS_PER_REGION * 16
     image, regions = _case()
-    core_only = build_model(ModelConfig(**small, variant="core_only", region_statistics=True), seed=0).eval()
+    core_only = build_model(ModelConfig(**small, variant="core_only", read_out="statistics"), seed=0).eval()
     with torch.no_grad():  # the statistics, too, only see the regions the variant keeps
         ref = core_only(image, regions)
         changed = core_only(_perturb(image, regions != 1), regions)
@@ -410,9 +321,7 @@ def test_region_statistics_widen_only_the_representation_and_respect_the_variant
         stats.eval()
         brighter = stats(image + 0.5 * (regions == 1).unsqueeze(1), regions)["logits"]
         assert not torch.allclose(brighter, stats(image, regions)["logits"])
-    _assert_per_sample_gradients(build_model(ModelConfig(**small, region_statistics=True), seed=0))
-    with pytest.raises(ConfigError, match="model.region_statistics"):
-        from_dict(ModelConfig, {"region_statistics": 1}, "model")
+    _assert_per_sample_gradients(build_model(ModelConfig(**small, read_out="statistics"), seed=0))
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -423,9 +332,9 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
     from fedsubtype.model.regions_pool import region_masks
 
     small = dict(width=8, feature_dim=16, hidden_dim=16)
-    plain = build_model(ModelConfig(**small), seed=0).eval()
-    wide = build_model(ModelConfig(**small, statistics_heads=True), seed=0).eval()
-    # one linear map (3 regions x 7 statistics + bias) per task, nothing else trainable added
+    plain = build_model(ModelConfig(**small, read_out="statistics"), seed=0).eval()
+    wide = build_model(ModelConfig(**small, read_out="linear_heads"), seed=0).eval()
+    # over the `statistics` read-out: one linear map (3 regions x 7 statistics + bias) per task, nothing else
     assert count_parameters(wide) - count_parameters(plain) == 4 * (3 * STATS_PER_REGION + 1)
     g = torch.Generator().manual_seed(3)
     n = 40
@@ -462,11 +371,9 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
     assert float(heads.linear["pr"].weight.detach().abs().sum()) == 0.0  # no PR label anywhere: left at zero
     assert fit_statistics_heads(wide, data) == 0  # fitted read-outs are kept (loaded models, later rounds)
     assert {"statistics_heads.center", "statistics_heads.scale", "statistics_heads.fitted"} <= set(wide.state_dict())
-    core_only = build_model(ModelConfig(**small, variant="core_only", statistics_heads=True), seed=0)
+    core_only = build_model(ModelConfig(**small, variant="core_only", read_out="linear_heads"), seed=0)
     assert core_only.statistics_heads.linear["er"].in_features == STATS_PER_REGION  # only the regions it sees
-    _assert_per_sample_gradients(build_model(ModelConfig(**small, statistics_heads=True), seed=0))
-    with pytest.raises(ConfigError, match="model.statistics_heads"):
-        from_dict(ModelConfig, {"statistics_heads": "yes"}, "model")
+    _assert_per_sample_gradients(build_model(ModelConfig(**small, read_out="linear_heads"), seed=0))
 
 
 def test_tumour_distance_is_the_chessboard_distance() -> None:
@@ -525,16 +432,18 @@ def test_peritumoral_profile_joins_the_statistics_of_variants_that_see_the_shell
     from fedsubtype.model.region_stats import PROFILE_STATS, STATS_PER_REGION, fit_statistics_heads
 
     small = dict(width=8, feature_dim=16, hidden_dim=16)
-    wide = build_model(ModelConfig(**small, statistics_heads=True, peritumoral_profile=True), seed=0)
+    wide = build_model(ModelConfig(**small, read_out="linear_heads_profile"), seed=0)
     assert wide.statistics_heads.linear["her2"].in_features == 3 * STATS_PER_REGION + PROFILE_STATS
-    deep = build_model(ModelConfig(**small, region_statistics=True, peritumoral_profile=True), seed=0)
-    plain = build_model(ModelConfig(**small, region_statistics=True), seed=0)
-    assert count_parameters(deep) - count_parameters(plain) == PROFILE_STATS * 16  # the representation reads them
-    # a variant that does not see peritumoral tissue gets no profile (nor does the key change anything there)
+    plain = build_model(ModelConfig(**small, read_out="linear_heads"), seed=0)
+    # the representation (16 units) and each task's read-out read the profile's numbers too
+    assert count_parameters(wide) - count_parameters(plain) == PROFILE_STATS * 16 + 4 * PROFILE_STATS
+    # a variant that does not see peritumoral tissue gets no profile (nor does the value change anything there)
     for variant in ("no_peritumoral", "core_only"):
-        blind = build_model(ModelConfig(**small, variant=variant, statistics_heads=True, peritumoral_profile=True), 0)
+        blind = build_model(ModelConfig(**small, variant=variant, read_out="linear_heads_profile"), 0)
         seen = len(blind.spec.regions)
         assert blind.statistics_heads.linear["er"].in_features == seen * STATS_PER_REGION
+        same = build_model(ModelConfig(**small, variant=variant, read_out="linear_heads"), 0)
+        assert count_parameters(blind) == count_parameters(same)
     image, regions = _case(batch=12, size=32)
     image[::2, 0] += 0.7 * ((regions[::2] == 3) & (image[::2, 0] > -5)).float()  # brighter shell in half the cases
     her2 = (torch.arange(12) % 2 == 0).float()
@@ -546,6 +455,4 @@ def test_peritumoral_profile_joins_the_statistics_of_variants_that_see_the_shell
     with torch.no_grad():
         out = wide.eval()(image, regions)["logits"][:, 2]
     assert (out[::2].min() > out[1::2].max()).item()  # the read-out separates the brighter shells
-    _assert_per_sample_gradients(build_model(ModelConfig(**small, statistics_heads=True, peritumoral_profile=True), 0))
-    with pytest.raises(ConfigError, match="model.peritumoral_profile"):
-        from_dict(ModelConfig, {"peritumoral_profile": "yes"}, "model")
+    _assert_per_sample_gradients(build_model(ModelConfig(**small, read_out="linear_heads_profile"), 0))

@@ -15,7 +15,8 @@ from fedsubtype.model import ModelConfig, build_model
 from fedsubtype.privacy import PrivacyConfig
 from fedsubtype.privacy.accounting import epsilon_for, make_plan
 from fedsubtype.privacy.engine import OpacusPrivacy, check_model
-from fedsubtype.train.loop import TrainConfig, fit
+from fedsubtype.train.config import TrainConfig
+from fedsubtype.train.loop import fit
 
 TINY = ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16)
 SIZE = 16
@@ -135,6 +136,7 @@ def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_c
             assert exc.metrics["budget_exhausted"] == 1 and "budget exhausted" in exc.line()
             break
         spent.append(metrics["epsilon"])
+        assert np.isnan(metrics["train-loss"])  # under DP the training loss is not sent
         assert len(weights) == len(get_weights(build_model(TINY)))
         if rnd == 1:  # a site restart mid-run keeps the ledger
             algo = SiteAlgo(site).initialize()
@@ -142,6 +144,30 @@ def test_site_rounds_spend_from_one_ledger_and_decline_past_the_budget(phantom_c
     assert spent == sorted(spent) and spent[-1] <= eps
     ledger = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text(encoding="utf-8"))
     assert [r["round"] for r in ledger["runs"]["run-A"]["rounds"]] == list(range(1, declined_at))
+
+
+def test_identical_dp_runs_draw_different_noise_and_plain_runs_stay_seeded(tmp_path):
+    """Same config, seed, run id and round at two sites: entropy-seeded DP noise differs; the simulation opt-in
+    and training without DP give the same weights."""
+    from fedsubtype.federation.site_algo import get_weights
+    from fedsubtype.privacy.site import SitePrivacy
+
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=False, progress=False, device="cpu", patience=None, seed=0)
+
+    def weights(privacy=None) -> list[np.ndarray]:
+        torch.manual_seed(0)
+        return get_weights(fit(build_model(TINY), TinyCases(16), None, cfg, privacy=privacy).model)
+
+    def hook(folder: str, **kw):
+        pc = PrivacyConfig(enabled=True, target_epsilon=8.0, noise_multiplier=1.0, accountant="rdp", **kw)
+        return SitePrivacy.start(pc, site="s", n_train=16, batch_size=8, rounds=2, run_id="same",
+                                 state_dir=tmp_path / folder).hook(1)
+
+    a, b = weights(hook("a")), weights(hook("b"))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+    c, d = weights(hook("c", reproducible_noise=True)), weights(hook("d", reproducible_noise=True))
+    assert all(np.array_equal(x, y) for x, y in zip(c, d))
+    assert all(np.array_equal(x, y) for x, y in zip(weights(), weights()))
 
 
 def test_dp_loss_gives_each_case_a_gradient_independent_of_other_cases_labels():

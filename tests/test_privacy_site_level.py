@@ -108,7 +108,8 @@ def test_federation_yaml_section_wraps_the_servers_strategy_and_tells_sites_to_c
 
     from fedsubtype.configio import from_dict
     from fedsubtype.federation.config import FederationConfig
-    from server.server_app import make_strategy, round_config
+    from fedsubtype.federation.rounds import round_config
+    from fedsubtype.federation.strategy import make_strategy
 
     plain = from_dict(FederationConfig, {"strategy": "fedavg"})
     assert type(make_strategy(plain)).__name__ == "FedAvg"
@@ -121,3 +122,38 @@ def test_federation_yaml_section_wraps_the_servers_strategy_and_tells_sites_to_c
     server_side = from_dict(FederationConfig, {"site_level_dp": {"enabled": True, "clipping": "adaptive",
                                                                  "clipped_count_stddev": 1.0}})
     assert isinstance(make_strategy(server_side), fs.DifferentialPrivacyServerSideAdaptiveClipping)
+
+
+def _reply(value: float, n: int) -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord([np.full(4, value, dtype=np.float32)]),
+                               "metrics": MetricRecord({"num-examples": n})}), dst_node_id=1, message_type="train")
+
+
+def _aggregate(wrapped, replies):
+    wrapped.current_arrays = ArrayRecord([np.zeros(4, dtype=np.float32)])  # what configure_train would keep
+    arrays, metrics = wrapped.aggregate_train(1, replies)
+    return arrays.to_numpy_ndarrays()[0], metrics
+
+
+def test_site_level_dp_averages_sites_with_equal_weights():
+    """The accounting assumes every site weighs the same: a site claiming 1000 cases does not dominate."""
+    cfg = SiteLevelDPConfig(enabled=True, noise_multiplier=0.0, clipping_norm=100.0)
+    def total(records, key):  # like the ServerApp's metric aggregation: keeps the number of examples
+        return MetricRecord({key: sum(next(iter(r.metric_records.values()))[key] for r in records)})
+
+    wrapped = wrap_strategy(fs.FedAvg(train_metrics_aggr_fn=total), cfg, num_sampled_sites=2)
+    mean, metrics = _aggregate(wrapped, [_reply(1.0, 1), _reply(3.0, 1000)])
+    np.testing.assert_allclose(mean, 2.0)
+    assert metrics["num-examples"] == 1001  # the reported total stays the real one
+
+
+def test_site_level_noise_is_not_the_runs_seeded_noise():
+    """Seeding NumPy with the run's seed (as the coordinator does) no longer fixes the noise; other draws keep it."""
+    cfg = SiteLevelDPConfig(enabled=True, noise_multiplier=1.0, clipping_norm=1.0)
+    wrapped = wrap_strategy(fs.FedAvg(), cfg, num_sampled_sites=2)
+    outs = []
+    for _ in range(2):
+        np.random.seed(0)
+        outs.append(_aggregate(wrapped, [_reply(0.5, 5), _reply(0.5, 5)])[0])
+        assert np.random.rand() == np.random.RandomState(0).rand()  # the global stream is left as seeded
+    assert not np.array_equal(outs[0], outs[1])

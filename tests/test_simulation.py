@@ -116,9 +116,9 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
     ({"sweep": {"param": "partition.alpha", "values": [1, -0.5]}}, "alpha must be > 0"),
     ({"federation": {"budget_epochs": 5, "local_epochs": 2}}, "not a multiple of local_epochs"),
     ({"seedz": [1]}, "unknown key 'seedz'"),
-    ({"model": {"statistics_heads": True}, "privacy": {"enabled": True, "target_epsilon": 8}},
+    ({"model": {"read_out": "linear_heads"}, "privacy": {"enabled": True, "target_epsilon": 8}},
      "differential privacy does not cover"),
-    ({"model": {"statistics_heads": True}, "sweep": {"param": "privacy.target_epsilon", "values": [None, 4]}},
+    ({"model": {"read_out": "linear_heads_profile"}, "sweep": {"param": "privacy.target_epsilon", "values": [None, 4]}},
      "differential privacy does not cover"),
 ])
 def test_bad_scenarios_are_one_line_errors(tmp_path: Path, change: dict, needle: str) -> None:
@@ -160,17 +160,33 @@ def test_a_library_default_is_part_of_the_run_identity(tmp_path: Path) -> None:
 def test_a_key_added_later_at_its_legacy_value_keeps_the_run_identity(tmp_path: Path, monkeypatch) -> None:
     """A model key added with the value that reproduces the network before it must not invalidate finished runs;
     set otherwise, it must."""
-    from fedsubtype.model.config import LEGACY_DEFAULTS
+    from fedsubtype import migrate
 
     phantom = tmp_path / "ph"
     hashes = {}
-    for label, model in (("before", TINY_MODEL), ("on", {**TINY_MODEL, "peritumoral_profile": True})):
+    for label, model in (("before", TINY_MODEL), ("on", {**TINY_MODEL, "read_out": "statistics"})):
         (tmp_path / label).mkdir()
         hashes[label] = load_scenario(_scenario(tmp_path / label, phantom, model=model)).config_hash()
     assert hashes["before"] != hashes["on"]
-    monkeypatch.delitem(LEGACY_DEFAULTS, "peritumoral_profile")  # as if the key were part of the original network
+    added = {k: v for k, v in migrate.MODEL_V1_ADDED.items() if k != "region_statistics"}
+    monkeypatch.setattr(migrate, "MODEL_V1_ADDED", added)  # as if the key were part of the original network
     (tmp_path / "counted").mkdir()
     assert load_scenario(_scenario(tmp_path / "counted", phantom)).config_hash() != hashes["before"]
+
+
+def test_the_run_identity_of_the_pruned_model_is_the_one_hashed_before_it() -> None:
+    """Runs finished before `read_out` replaced the switches (and five options went) keep their identity."""
+    from fedsubtype.configio import to_dict
+    from fedsubtype.migrate import run_identity
+    from fedsubtype.model import ModelConfig
+
+    small = dict(width=8, groups=4, feature_dim=32, hidden_dim=32)
+    before = {"variant": "full", "in_channels": 1, "width": 8, "blocks": [1, 1, 1], "groups": 4, "feature_dim": 32,
+              "hidden_dim": 32, "dropout": 0.2, "region_channels": True, "mask_input": True, "physical_size": False}
+    assert run_identity("model", to_dict(ModelConfig(**small))) == before  # what the quick scenario hashed
+    best = run_identity("model", to_dict(ModelConfig(**small, read_out="linear_heads_profile")))
+    assert best == {**before, "region_statistics": True, "statistics_heads": True, "peritumoral_profile": True}
+    assert run_identity("preprocess", {"size": 32, "keep_tumour_range": False}) == {"size": 32}
 
 
 def _sweep_record(setting: str, seed: int, auc: float, eps: float | None) -> dict:
@@ -210,3 +226,33 @@ def test_pooled_predictions_carry_the_partitions_virtual_sites(tmp_path: Path, t
     manifest_site = {c.case_id: c.site for c in cohort.cases}
     assert any(manifest_site[c] != cohort.partition.site[c] for c in pooled.case_ids)  # the test means something
     assert set(metrics) == set(cohort.partition.sites) | {"pooled"}
+
+
+class _RecordingApp:
+    """Stands in for the ClientApp: remembers the node config each call saw (picklable, as Ray needs)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def __call__(self, message, context):
+        self.seen.append(dict(context.node_config))
+        return message
+
+
+def test_the_engine_adapter_gives_each_virtual_node_its_own_site_and_the_ray_options() -> None:
+    import pickle
+    from types import SimpleNamespace
+
+    from simulation.flower_sim import SiteNodeClientApp, backend_config
+    from simulation.scenario import RaySpec
+
+    inner = _RecordingApp()
+    app = SiteNodeClientApp(inner, {0: {"site-config": "/a/site.yaml"}, 1: {"site-config": "/b/site.yaml"}})
+    for partition in (1, 0):
+        app("msg", SimpleNamespace(node_config={"partition-id": partition, "num-partitions": 2}))
+    assert [c["site-config"] for c in inner.seen] == ["/b/site.yaml", "/a/site.yaml"]
+    assert pickle.loads(pickle.dumps(app)).node_configs == app.node_configs
+    joined = backend_config(RaySpec(address="ray://head:10001", client_cpus=0.5))
+    assert joined == {"client_resources": {"num_cpus": 0.5, "num_gpus": 0.0},
+                      "init_args": {"address": "ray://head:10001"}}
+    assert backend_config(RaySpec(num_cpus=3))["init_args"] == {"num_cpus": 3}

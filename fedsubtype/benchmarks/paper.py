@@ -1,4 +1,4 @@
-"""The paper's protocol (DESIGN.md §1) on the phantom or any manifest: `fedsubtype benchmark paper`.
+"""The paper's protocol (docs/paper-benchmark.md) on the phantom or any manifest: `fedsubtype benchmark paper`.
 
 Internal cases (every site but the external one) are split 7:1:2, stratified by ER/PR/HER2 pattern, per
 seed. Every network row is trained with the one training function on the train split, selected on the
@@ -20,20 +20,23 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fedsubtype import CLASSIFICATION_TASKS, TASKS
+from fedsubtype import CLASSIFICATION_TASKS
 from fedsubtype.configio import atomic_write_text, dump_yaml, to_dict
+from fedsubtype.migrate import SETTINGS_VERSION, VERSION_KEY, migrate_result_settings
 from fedsubtype.errors import UserError
 from fedsubtype.data.manifest import Case
 from fedsubtype.model import VARIANTS, ModelConfig
-from fedsubtype.model.config import LEGACY_DEFAULTS as MODEL_LEGACY
-from fedsubtype.data.preprocess import LEGACY_DEFAULTS, PreprocessConfig
-from fedsubtype.train.loop import Predictions, TrainConfig
+from fedsubtype.data.preprocess import PreprocessConfig
+from fedsubtype.evaluate.experiments import (mark_finished, mean_sd, pyplot, read_finished, refuse_other_settings,
+                                             roc_points, save_png)
+from fedsubtype.evaluate.predictions import Predictions
+from fedsubtype.train.config import TrainConfig
 
 NETWORK_ROWS: tuple[str, ...] = tuple(VARIANTS)
 RADIOMICS_ROWS: dict[str, str] = {"radiomics_lr": "lr", "radiomics_svm": "svm"}
 STATISTICS_ROWS: dict[str, str] = {"statistics_lr": "lr"}
 """Opt-in reference rows (not in the paper): the radiomics LR pipeline on the 7 intensity statistics per
-region that `model.region_statistics` computes from each network input — what a linear reader gets from them."""
+region that `region_stats.region_statistics` computes from each network input — what a linear reader gets from them."""
 ROW_NAMES: dict[str, str] = {**VARIANTS, "radiomics_lr": "radiomics (LR)", "radiomics_svm": "radiomics (SVM)",
                              "statistics_lr": "region intensity statistics (LR)",
                              "oracle": "oracle on phantom latents (upper bound)"}
@@ -103,35 +106,14 @@ def external_folds(labels: np.ndarray, n_folds: int, seed: int) -> list[np.ndarr
     return [test for _, test in splitter.split(np.zeros(len(er)), er)]
 
 
-def _save_predictions(preds: Predictions, path: Path) -> None:
-    preds.to_csv(path)
-
-
-def _load_predictions(path: Path) -> Predictions:
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-
-    def num(v: str) -> float:
-        return float(v) if v not in ("", None) else np.nan
-
-    return Predictions(
-        case_ids=[r["case_id"] for r in rows], sites=[r.get("site", "") for r in rows],
-        probs=np.array([[num(r[f"{t}_prob"]) for t in CLASSIFICATION_TASKS] for r in rows], dtype=float).reshape(-1, 3),
-        ki67=np.array([num(r["ki67_pred"]) for r in rows], dtype=float),
-        labels=np.array([[num(r[f"{t}_true"]) for t in TASKS] for r in rows], dtype=float).reshape(-1, 4),
-    )
-
-
 def _row_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dict[str, list[Case]],
                      external: list[Case], cache, features: dict[str, dict[str, np.ndarray]],
                      log: Callable[[str], None]) -> tuple[Predictions, Predictions]:
     """Predictions of one (row, seed) on the internal test split and the external site (cached on disk)."""
     run_dir = bench.out / "runs" / row / f"seed{seed}"
     done = run_dir / "done.json"
-    if done.is_file():
-        return _load_predictions(run_dir / "test.csv"), _load_predictions(run_dir / "external.csv")
+    if read_finished(done) is not None:
+        return Predictions.read_csv(run_dir / "test.csv"), Predictions.read_csv(run_dir / "external.csv")
     run_dir.mkdir(parents=True, exist_ok=True)
     if row in RADIOMICS_ROWS:
         test, ext = _radiomics_predictions(RADIOMICS_ROWS[row], seed, splits, external, features["radiomics"])
@@ -139,41 +121,30 @@ def _row_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dict[st
         test, ext = _radiomics_predictions(STATISTICS_ROWS[row], seed, splits, external, features["statistics"])
     else:
         test, ext = _network_predictions(row, seed, bench, splits, external, cache, run_dir, log)
-    _save_predictions(test, run_dir / "test.csv")
-    _save_predictions(ext, run_dir / "external.csv")
-    atomic_write_text(done, json.dumps({"row": row, "seed": seed}))
+    test.to_csv(run_dir / "test.csv")
+    ext.to_csv(run_dir / "external.csv")
+    mark_finished(done, {"row": row, "seed": seed})
     return test, ext
 
 
 def _network_predictions(row: str, seed: int, bench: PaperBenchmark, splits: dict[str, list[Case]],
                          external: list[Case], cache, run_dir: Path,
                          log: Callable[[str], None]) -> tuple[Predictions, Predictions]:
+    """Train the row's network through the one pipeline (refit on train + validation when asked) and predict
+    the internal test split and the external site."""
     import dataclasses
-
-    import torch
 
     from fedsubtype.data.dataset import CaseDataset
     from fedsubtype.model import build_model
-    from fedsubtype.train.loop import fit, predict_dataset, seed_everything
+    from fedsubtype.train.pipeline import PipelineJob, run_pipeline
 
-    seed_everything(seed)
-    torch.manual_seed(seed)
-    model = build_model(dataclasses.replace(bench.model, variant=row))
-    cfg = dataclasses.replace(bench.training, seed=seed)
-    result = fit(model, CaseDataset(splits["train"], cache), CaseDataset(splits["val"], cache), cfg,
-                 out_dir=run_dir, log=log)
-    if bench.refit:
-        log(f"refit on train + validation ({len(splits['train']) + len(splits['val'])} cases) for the "
-            f"{result.best_epoch} epochs validation chose")
-        seed_everything(seed)
-        torch.manual_seed(seed)
-        model = build_model(dataclasses.replace(bench.model, variant=row))
-        again = dataclasses.replace(cfg, epochs=result.best_epoch, max_steps=None, patience=None)
-        result = fit(model, CaseDataset(splits["train"] + splits["val"], cache), None, again,
-                     out_dir=run_dir / "refit", log=log)
-    test = predict_dataset(result.model, CaseDataset(splits["test"], cache), device=cfg.device)
-    ext = predict_dataset(result.model, CaseDataset(external, cache), device=cfg.device)
-    return test, ext
+    job = PipelineJob(lambda: build_model(dataclasses.replace(bench.model, variant=row)),
+                      CaseDataset(splits["train"], cache), CaseDataset(splits["val"], cache),
+                      dataclasses.replace(bench.training, seed=seed),
+                      predict={"test": CaseDataset(splits["test"], cache), "external": CaseDataset(external, cache)},
+                      refit_on=CaseDataset(splits["train"] + splits["val"], cache) if bench.refit else None)
+    preds = run_pipeline(job, out_dir=run_dir, log=log).predictions
+    return preds["test"], preds["external"]
 
 
 def statistics_features(cases: Sequence[Case], cache, profile: bool = False) -> dict[str, np.ndarray]:
@@ -219,16 +190,10 @@ def _score(preds: Predictions, n_boot: int, seed: int) -> dict[str, Any]:
     return compute_metrics(preds.labels, preds.probs, preds.ki67, n_boot=n_boot, seed=seed)
 
 
-def _subset(preds: Predictions, idx: np.ndarray) -> Predictions:
-    return Predictions([preds.case_ids[i] for i in idx], [preds.sites[i] for i in idx], preds.probs[idx],
-                       preds.ki67[idx], preds.labels[idx])
-
-
 def _mean_sd(values: Sequence[float | None]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return math.nan, math.nan
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    """Mean and sd over seeds (or folds), as the table stores them."""
+    m, sd, _ = mean_sd(values)
+    return m, sd
 
 
 def _auc(m: dict[str, Any], task: str) -> float | None:
@@ -240,41 +205,14 @@ RESULT_SETTINGS: tuple[str, ...] = ("external_site", "preprocess", "model", "tra
 """Settings that change what a stored (row, seed) run means; resuming with others would mix two tables."""
 MACHINE_SETTINGS: tuple[str, ...] = ("device", "progress", "threads", "num_workers")
 """Training settings that change where and how fast a run goes, not its result."""
-LEGACY_SETTINGS: dict[str, Any] = {**{f"preprocess.{k}": v for k, v in LEGACY_DEFAULTS.items()},
-                                   **{f"model.{k}": v for k, v in MODEL_LEGACY.items()},
-                                   "training.ema_decay": None, "refit": False}
-"""What a result setting meant in a folder written before the setting existed."""
 
 
-def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The settings in RESULT_SETTINGS as flat dotted keys (`model.variant`), in JSON form."""
-    flat: dict[str, Any] = {}
-    for key in RESULT_SETTINGS:
-        if key not in cfg:
-            continue
-        value = json.loads(json.dumps(cfg.get(key), default=str))
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items() if not (key == "training" and k in MACHINE_SETTINGS)})
-        else:
-            flat[key] = value
-    return flat
-
-
-def _check_same_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Refuse to resume into a folder whose stored runs were made with other settings.
-
-    A key missing from an older config.yaml counts as its value before the key existed (LEGACY_SETTINGS).
-    """
-    import yaml
-
-    if not path.is_file():
-        return
-    old = {**LEGACY_SETTINGS, **_result_settings(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
-    new = _result_settings(settings)
-    diff = sorted(k for k in new if k in old and old[k] != new[k])
-    if diff:
-        raise UserError(f"its runs were made with other settings ({', '.join(diff)})",
-                        "pass a new --out, or delete the folder to start over", where=str(path.parent))
+def check_same_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into `folder` when its stored runs were made with other RESULT_SETTINGS; an older
+    folder's config.yaml is read in today's form (fedsubtype.migrate), or refused when it cannot be."""
+    stored = folder / "config.yaml"
+    refuse_other_settings(stored, settings, RESULT_SETTINGS, ignore={"training": MACHINE_SETTINGS},
+                          migrate=lambda old: migrate_result_settings(old, str(stored)))
 
 
 def split_external(cases: Sequence[Case], external_site: str | None, where: str = "manifest"
@@ -292,22 +230,40 @@ def split_external(cases: Sequence[Case], external_site: str | None, where: str 
     return ext_site, [c for c in cases if c.site != ext_site], [c for c in cases if c.site == ext_site]
 
 
-def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every (row, seed) and write the table, DeLong tests and ROC curves under `bench.out`."""
-    from fedsubtype.data.cache import PreprocessCache
+def _usable_cases(bench: PaperBenchmark, log: Callable[[str], None]) -> list[Case]:
+    """The manifest's cases that pass validation (each skipped one reported on one line)."""
     from fedsubtype.data.manifest import read_manifest
-    from fedsubtype.data.splits import stratified_split
     from fedsubtype.data.validation import validate_cases
 
-    bench.validate()
-    settings = {k: to_dict(v) for k, v in vars(bench).items()}
-    _check_same_settings(bench.out / "config.yaml", settings)
-    cases = read_manifest(bench.manifest)
-    report = validate_cases(cases, workers=bench.workers, progress=True)
+    report = validate_cases(read_manifest(bench.manifest), workers=bench.workers, progress=True)
     for p in report.problems:
         if p.severity == "error":
             log(f"skipping {p.line()}")
-    cases = list(report.cases)
+    return list(report.cases)
+
+
+def _reference_features(bench: PaperBenchmark, cases: list[Case], cache) -> dict[str, dict[str, np.ndarray]]:
+    """Per case, the feature vectors the radiomics and statistics rows fit on (only those the rows need)."""
+    features: dict[str, dict[str, np.ndarray]] = {}
+    if any(r in RADIOMICS_ROWS for r in bench.rows):
+        from fedsubtype.evaluate.radiomics import feature_matrix
+
+        matrix, _ = feature_matrix(cases, cache_dir=bench.cache_dir, workers=bench.workers)
+        features["radiomics"] = {c.case_id: matrix[i] for i, c in enumerate(cases)}
+    if any(r in STATISTICS_ROWS for r in bench.rows):
+        features["statistics"] = statistics_features(cases, cache, bench.model.read_out_parts.profile)
+    return features
+
+
+def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) every (row, seed) and write the table, DeLong tests and ROC curves under `bench.out`."""
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.data.splits import stratified_split
+
+    bench.validate()
+    settings = {VERSION_KEY: SETTINGS_VERSION, **{k: to_dict(v) for k, v in vars(bench).items()}}
+    check_same_settings(bench.out, settings)
+    cases = _usable_cases(bench, log)
     ext_site, internal, external = split_external(cases, bench.external_site, where=str(bench.manifest))
     log(f"internal: {len(internal)} cases from {len({c.site for c in internal})} sites; "
         f"external: {len(external)} cases ({ext_site})")
@@ -316,14 +272,7 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
 
     cache = PreprocessCache(bench.cache_dir, bench.preprocess)
     cache.warm(cases, workers=bench.workers, progress=True)
-    features: dict[str, dict[str, np.ndarray]] = {}
-    if any(r in RADIOMICS_ROWS for r in bench.rows):
-        from fedsubtype.evaluate.radiomics import feature_matrix
-
-        matrix, _ = feature_matrix(cases, cache_dir=bench.cache_dir, workers=bench.workers)
-        features["radiomics"] = {c.case_id: matrix[i] for i, c in enumerate(cases)}
-    if any(r in STATISTICS_ROWS for r in bench.rows):
-        features["statistics"] = statistics_features(cases, cache, bench.model.peritumoral_profile)
+    features = _reference_features(bench, cases, cache)
 
     oracle_dir = bench.manifest.parent if (bench.manifest.parent / "latents.csv").is_file() else None
     per_seed: dict[str, list[dict[str, Any]]] = {r: [] for r in bench.rows}
@@ -340,7 +289,7 @@ def run_paper_benchmark(bench: PaperBenchmark, *, log: Callable[[str], None] = p
             preds[row] = test
             per_seed[row].append(_score(test, bench.n_boot, seed))
             folds = external_folds(ext.labels, bench.external_folds, seed)
-            per_seed_ext[row].append([_score(_subset(ext, f), 0, seed) for f in folds])
+            per_seed_ext[row].append([_score(ext.subset(f), 0, seed) for f in folds])
         if seed == bench.seeds[0]:
             roc_inputs = preds
         if oracle_dir is not None:
@@ -475,26 +424,16 @@ def _write_outputs(bench: PaperBenchmark, table: dict[str, Any], delong_rows: li
 
 
 def _plot_rocs(preds: dict[str, Predictions], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
+    """roc_<task>.png: every row's ROC curve on the internal test split of the first seed."""
+    plt = pyplot()
     for j, task in enumerate(CLASSIFICATION_TASKS):
         fig, ax = plt.subplots(figsize=(5, 5))
         for row, p in preds.items():
-            y, s = p.labels[:, j], p.probs[:, j]
-            ok = ~np.isnan(y) & ~np.isnan(s)
-            if len(np.unique(y[ok])) < 2:
-                continue
-            fpr, tpr, _ = roc_curve(y[ok], s[ok])
-            ax.plot(fpr, tpr, lw=2 if row == "full" else 1, label=ROW_NAMES[row])
+            points = roc_points(p.labels[:, j], p.probs[:, j])
+            if points is not None:
+                ax.plot(*points, lw=2 if row == "full" else 1, label=ROW_NAMES[row])
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="1 − specificity", ylabel="sensitivity", title=f"{task.upper()} — phantom, internal test")
         ax.legend(fontsize=6, loc="lower right")
         fig.tight_layout()
-        tmp = out / f".roc_{task}.png.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(out / f"roc_{task}.png")
+        save_png(fig, out / f"roc_{task}.png")

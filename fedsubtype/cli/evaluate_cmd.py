@@ -38,8 +38,11 @@ def evaluate_run(model_path: Path, manifest: Path, out: Path, *, split: str | No
     from fedsubtype.data.dataset import CaseDataset
     from fedsubtype.errors import UserError
     from fedsubtype.train.run_config import DEFAULT_CACHE_DIRNAME
-    from fedsubtype.train.loop import predict_dataset, resolve_device, score_predictions
-    from fedsubtype.cli.train_cmd import PHANTOM_NOTE, check_out_dir, usable_cases, write_json
+    from fedsubtype.cli.train_cmd import check_out_dir, usable_cases, write_json
+    from fedsubtype.evaluate.predictions import predict_dataset
+    from fedsubtype.evaluate.scoring import score_predictions
+    from fedsubtype.train.pipeline import PHANTOM_NOTE
+    from fedsubtype.train.runtime import resolve_device
 
     if n_boot < 0:
         raise UserError(f"--n-boot must be >= 0, got {n_boot}", "use e.g. 1000", where="evaluate")

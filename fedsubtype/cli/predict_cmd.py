@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--manifest needs --out DIR", "name a folder for predictions.csv")
 
     from fedsubtype.train.checkpoint import load_model
-    from fedsubtype.train.loop import resolve_device
+    from fedsubtype.train.runtime import resolve_device
 
     model, bundle = load_model(args.model, device=str(resolve_device(args.device)))
     if single:

@@ -12,8 +12,6 @@ from fedsubtype.errors import UserError
 
 RUN_FILES: tuple[str, ...] = ("model.pt", "metrics.json", "predictions.csv", "metrics_per_epoch.csv", "config.yaml",
                               "splits.csv")
-PHANTOM_NOTE = ("Metrics on the synthetic phantom are engineering evidence, never clinical claims; "
-                "on real data they describe this cohort and split only.")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -107,31 +105,12 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
-def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run a whole training from a validated RunConfig and write the run folder; returns its path."""
-    import torch
+def _split_cases(cfg: Any, cases: list, out: Path, log: Callable[[str], None]) -> tuple[dict[str, list], str]:
+    """The train/val/test split (written to splits.csv) and the split the run is scored on (test, else val)."""
+    from fedsubtype.data.splits import stratified_split, write_split_csv
 
-    from fedsubtype.data.cache import PreprocessCache
-    from fedsubtype.train.checkpoint import save_model
-    from fedsubtype.configio import dump_yaml
-    from fedsubtype.data.dataset import CaseDataset
-    from fedsubtype.model import build_model, count_parameters
-    from fedsubtype.data.splits import cohort_summary, stratified_split, write_split_csv
-    from fedsubtype.train.loop import (choose_thresholds, fit, fixed_thresholds, predict_dataset, resolve_device,
-                            score_predictions, seed_everything)
-
-    if cfg.data.manifest is None:
-        raise UserError("no manifest given", "pass --manifest M or set data.manifest in the config", where="train")
-    if cfg.out is None:
-        raise UserError("no output folder given", "pass --out DIR or set out in the config", where="train")
-    out = Path(cfg.out)
     manifest = Path(cfg.data.manifest)
-    tc = cfg.training
-    check_out_dir(out, overwrite)
-    resolve_device(tc.device)  # a missing GPU is reported before any work
-    cases = usable_cases(manifest, strict=cfg.data.strict, progress=tc.progress, warn=log)
-
-    split_seed = tc.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    split_seed = cfg.training.seed if cfg.data.split_seed is None else cfg.data.split_seed
     splits = stratified_split(cases, cfg.data.split_fractions, seed=split_seed, stratify_on=cfg.data.stratify_on)
     write_split_csv(splits, out / "splits.csv")
     log("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
@@ -143,68 +122,55 @@ def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] =
                         where=str(manifest))
     if not splits["test"]:
         log("warning: the test split is empty; metrics.json reports the validation split")
+    return splits, eval_name
 
-    cache = PreprocessCache(cfg.data.cache_dir(), cfg.preprocess)
-    cache.warm(cases, workers=cfg.data.cache_workers, progress=tc.progress)
+
+def _job(cfg: Any, splits: dict[str, list], eval_name: str, cache: Any, log: Callable[[str], None]) -> Any:
+    """The pipeline job of a run config: train on the train split, select on val, score `eval_name`."""
+    from fedsubtype.data.dataset import CaseDataset
+    from fedsubtype.model import build_model, count_parameters
+    from fedsubtype.train.pipeline import PipelineJob
+
     datasets = {name: CaseDataset(split_cases, cache) for name, split_cases in splits.items()}
-    dump_yaml(cfg, out / "config.yaml")
 
-    seed_everything(tc.seed)
-    model = build_model(cfg.model)
-    log(f"model {cfg.model.variant}: {count_parameters(model):,} parameters")
-    result = fit(model, datasets["train"], datasets["val"] if splits["val"] else None, tc, out_dir=out, log=log)
-    (out / "best_weights.pt").unlink(missing_ok=True)  # superseded by model.pt
+    def make_model() -> Any:
+        model = build_model(cfg.model)
+        log(f"model {cfg.model.variant}: {count_parameters(model):,} parameters")
+        return model
 
     ev = cfg.evaluation
-    device = tc.device
-    metrics: dict[str, Any] = {}
-    thresholds_meta: dict[str, Any]
-    if splits["val"]:
-        val_preds = predict_dataset(result.model, datasets["val"], batch_size=ev.batch_size, device=device)
-        thresholds_meta = choose_thresholds(val_preds, ev.thresholds)
-        thresholds = {t: v["value"] for t, v in thresholds_meta.items()}
-        val_metrics = score_predictions(val_preds, n_boot=ev.n_boot, seed=tc.seed, thresholds=thresholds)
-    else:
-        thresholds_meta = fixed_thresholds("fixed (no validation split)")
-        thresholds = {t: v["value"] for t, v in thresholds_meta.items()}
-        val_metrics = None
-    test_preds = predict_dataset(result.model, datasets[eval_name], batch_size=ev.batch_size, device=device)
-    test_preds.to_csv(out / "predictions.csv", thresholds)
-    metrics.update(score_predictions(test_preds, n_boot=ev.n_boot, seed=tc.seed, thresholds=thresholds))
-    metrics.update(evaluated_on=eval_name, n_cases=len(test_preds), val=val_metrics, best_epoch=result.best_epoch,
-                   thresholds=thresholds_meta, note=PHANTOM_NOTE)
-    write_json(out / "metrics.json", metrics)
+    return PipelineJob(make_model, datasets["train"], datasets["val"] if splits["val"] else None, cfg.training,
+                       predict={eval_name: datasets[eval_name]}, thresholds=ev.thresholds, n_boot=ev.n_boot,
+                       batch_size=ev.batch_size)
 
-    metadata = {
-        "source": "centralized",
-        "thresholds": thresholds_meta,
-        "threshold_method": ev.thresholds,
-        "training_cohort": cohort_summary(splits["train"]),
-        "validation_cohort": cohort_summary(splits["val"]),
-        "test_cohort": cohort_summary(splits["test"]),
-        "metrics": {"test" if eval_name == "test" else "val_as_test": _headline(metrics), "val": _headline(val_metrics)},
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "steps": result.steps,
-        "samples_seen": result.samples_seen,
-        "training_config": tc,
-        "privacy": None,
-        "torch_version": torch.__version__,
-    }
-    save_model(out / "model.pt", result.model, model_config=cfg.model, preprocess_config=cfg.preprocess,
-               metadata=metadata)
+
+def train_run(cfg: Any, *, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run a whole training from a validated RunConfig and write the run folder; returns its path."""
+    from fedsubtype.configio import dump_yaml
+    from fedsubtype.data.cache import PreprocessCache
+    from fedsubtype.data.splits import cohort_summary
+    from fedsubtype.train.pipeline import PHANTOM_NOTE, RunFolder, run_pipeline
+    from fedsubtype.train.runtime import resolve_device
+
+    if cfg.data.manifest is None:
+        raise UserError("no manifest given", "pass --manifest M or set data.manifest in the config", where="train")
+    if cfg.out is None:
+        raise UserError("no output folder given", "pass --out DIR or set out in the config", where="train")
+    out = Path(cfg.out)
+    check_out_dir(out, overwrite)
+    resolve_device(cfg.training.device)  # a missing GPU is reported before any work
+    cases = usable_cases(Path(cfg.data.manifest), strict=cfg.data.strict, progress=cfg.training.progress, warn=log)
+    splits, eval_name = _split_cases(cfg, cases, out, log)
+    cache = PreprocessCache(cfg.data.cache_dir(), cfg.preprocess)
+    cache.warm(cases, workers=cfg.data.cache_workers, progress=cfg.training.progress)
+    dump_yaml(cfg, out / "config.yaml")
+    record = RunFolder(cfg.model, cfg.preprocess, eval_name, cohorts={
+        "training_cohort": cohort_summary(splits["train"]), "validation_cohort": cohort_summary(splits["val"]),
+        "test_cohort": cohort_summary(splits["test"])})
+    result = run_pipeline(_job(cfg, splits, eval_name, cache, log), out_dir=out, record=record, log=log)
+    metrics = {**result.metrics[eval_name], "evaluated_on": eval_name}
     log(f"wrote {out} ({_headline_line(metrics)}; {PHANTOM_NOTE.split(';')[0]})")
     return out
-
-
-def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    if metrics is None:
-        return None
-    keep = {"mean_auc": metrics.get("mean_auc")}
-    for t in ("er", "pr", "her2"):
-        keep[t] = {k: (metrics.get(t) or {}).get(k) for k in ("auc", "auc_ci", "n")}
-    keep["ki67"] = {k: (metrics.get("ki67") or {}).get(k) for k in ("mae", "mae_ci", "pearson_r", "n")}
-    return keep
 
 
 def _headline_line(metrics: dict[str, Any]) -> str:

@@ -7,7 +7,9 @@ term when μ > 0) and `evaluate(weights, config)` scores the global model on the
 
 What leaves a site is exactly: the weights, the number of training (or validation) cases, and the
 aggregate metrics named in TRAIN_METRIC_KEYS / EVAL_METRIC_KEYS. Never case ids, paths, per-case
-predictions or labels.
+predictions or labels. A round asking for more than the site's `limits:` allow is declined before any
+data is read (fedsubtype.privacy.limits.RoundDeclined); an evaluation metric over too few cases is left
+out (fedsubtype.privacy.metrics_gate); under DP the training loss is not sent (NaN).
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from fedsubtype import CLASSIFICATION_TASKS
 from fedsubtype.configio import atomic_write_text, from_dict, to_dict
 from fedsubtype.errors import UserError
 from fedsubtype.federation.site_config import SiteConfig
+from fedsubtype.privacy.limits import Phase
+from fedsubtype.privacy.metrics_gate import OMITTED_KEY, releasable_eval_metrics
 
 TRAIN_METRIC_KEYS: tuple[str, ...] = (
     "num-examples", "train-loss", "steps", "samples-seen", "seconds", "proximal-term", "epsilon", "delta")
 """Every key a site's training reply carries (NaN where not applicable, so replies stay consistent)."""
 EVAL_METRIC_KEYS: tuple[str, ...] = (
-    "num-examples", "mean-auc", *(f"{t}-auc" for t in CLASSIFICATION_TASKS), "ki67-mae")
-"""Every key a site's evaluation reply carries (NaN where a task cannot be scored locally)."""
+    "num-examples", "mean-auc", *(f"{t}-auc" for t in CLASSIFICATION_TASKS), "ki67-mae", OMITTED_KEY)
+"""Every key a site's evaluation reply may carry; a metric over too few cases is absent (counted in OMITTED_KEY)."""
+EVAL_REQUIRED_KEYS: tuple[str, ...] = ("num-examples", OMITTED_KEY)
+"""The keys every evaluation reply carries."""
 
 NORM_TYPES = ("GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm3d", "LayerNorm")
 
@@ -131,8 +137,10 @@ def _sha256(path: Path) -> str:
 class SiteAlgo:
     """One site's local lifecycle: initialize, train, evaluate, on plain numpy weights."""
 
-    def __init__(self, site: SiteConfig, *, log: Callable[[str], None] | None = None, progress: bool = False) -> None:
+    def __init__(self, site: SiteConfig, *, log: Callable[[str], None] | None = None, progress: bool = False,
+                 warm: bool = True) -> None:
         self.site = site
+        self.warm = warm  # what the first train/evaluate passes to initialize() when nobody called it before
         self.log = log or (lambda msg: None)
         self.progress = progress
         self.cases: list = []
@@ -312,14 +320,35 @@ class SiteAlgo:
                  f"of {metrics['epsilon_budget']:g} (δ = {metrics['dp_delta']:.2g})")
         return {"epsilon": metrics["epsilon_spent"], "delta": metrics["dp_delta"]}
 
+    # ---------------------------------------------------------------- limits (fedsubtype.privacy.limits)
+    def _admit(self, settings: RoundSettings, phase: Phase) -> None:
+        """Decline (RoundDeclined) a request over the site's limits, then count it for its run; reads no data."""
+        from fedsubtype.data.preprocess import PreprocessConfig
+        from fedsubtype.privacy.limits import check_round
+        from fedsubtype.privacy.requests import RunRequests
+
+        limits = self.site.limits
+        prep = settings.preprocess_config
+        size = prep.get("size", PreprocessConfig.size) if prep is not None else self.site.preprocess.size
+        ask = {"server_round": settings.server_round, "num_rounds": settings.num_rounds,
+               "local_epochs": settings.local_epochs, "local_steps": settings.local_steps,
+               "batch_size": self.site.batch_size or settings.batch_size, "input_size": size,
+               "model_config": settings.model_config}
+        check_round(limits, ask, phase)
+        limit = limits.max_rounds_per_run if phase == "train" else limits.max_evaluations_per_run
+        requests = RunRequests(self.site.requests_path())
+        requests.admit(settings.run_id, phase, limit, server_round=settings.server_round)
+
     # ---------------------------------------------------------------- rounds
     def train(self, weights: Sequence[np.ndarray], round_config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, float]]:
         """One local round from the global `weights`: (new weights, number of training cases, aggregate metrics)."""
-        from fedsubtype.train.loop import TrainConfig, fit
+        from fedsubtype.train.config import TrainConfig
+        from fedsubtype.train.loop import fit
 
-        if not self.splits:
-            self.initialize()
         settings = RoundSettings.from_config(round_config)
+        self._admit(settings, "train")
+        if not self.splits:
+            self.initialize(warm=self.warm)
         model, local = self._prepare(weights, settings)
         train_data = self._datasets["train"]
         cfg = TrainConfig(epochs=settings.local_epochs, max_steps=settings.local_steps,
@@ -339,7 +368,7 @@ class SiteAlgo:
         last = result.history[-1] if result.history else {}
         metrics = {
             "num-examples": float(result.n_train),
-            "train-loss": _nan_if_none(last.get("train_loss")),
+            "train-loss": float("nan") if hook is not None else _nan_if_none(last.get("train_loss")),  # DP: unsent
             "steps": float(result.steps),
             "samples-seen": float(result.samples_seen),
             "seconds": float(seconds),
@@ -351,32 +380,32 @@ class SiteAlgo:
 
     def evaluate(self, weights: Sequence[np.ndarray], config: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
         """Score `weights` on the local validation split: (number of validation cases, aggregate metrics)."""
-        from fedsubtype.train.loop import evaluate_dataset
+        from fedsubtype.evaluate.scoring import evaluate_dataset
 
-        if not self.splits:
-            self.initialize()
         settings = RoundSettings.from_config(config)
+        self._admit(settings, "evaluate")
+        if not self.splits:
+            self.initialize(warm=self.warm)
         model, _ = self._prepare(weights, settings)
         data = self._datasets.get("val")
-        if data is None:
-            return 0, check_metrics({k: (0.0 if k == "num-examples" else float("nan")) for k in EVAL_METRIC_KEYS},
-                                    EVAL_METRIC_KEYS)
-        scores = evaluate_dataset(model, data, n_boot=0, seed=settings.seed, device=self.site.device)
-        metrics = {"num-examples": float(len(data)), "mean-auc": _nan_if_none(scores.get("mean_auc")),
-                   "ki67-mae": _nan_if_none((scores.get("ki67") or {}).get("mae"))}
-        for t in CLASSIFICATION_TASKS:
-            metrics[f"{t}-auc"] = _nan_if_none((scores.get(t) or {}).get("auc"))
-        return len(data), check_metrics(metrics, EVAL_METRIC_KEYS)
+        scores = {} if data is None else evaluate_dataset(model, data, n_boot=0, seed=settings.seed,
+                                                          device=self.site.device)
+        n_val = 0 if data is None else len(data)
+        metrics = releasable_eval_metrics(scores, n_val, self.site.limits.min_cases_per_metric)
+        return n_val, check_metrics(metrics, EVAL_METRIC_KEYS, EVAL_REQUIRED_KEYS)
 
 
-def check_metrics(metrics: Mapping[str, Any], allowed: Sequence[str]) -> dict[str, float]:
-    """Exactly the allowed keys, each a float: the guard on what leaves a site."""
+def check_metrics(metrics: Mapping[str, Any], allowed: Sequence[str],
+                  required: Sequence[str] | None = None) -> dict[str, float]:
+    """The guard on what leaves a site: only allowed keys, all `required` ones (default: all), floats, in order."""
+    required = allowed if required is None else required
     extra = set(metrics) - set(allowed)
-    missing = set(allowed) - set(metrics)
+    missing = set(required) - set(metrics)
     if extra or missing:
-        raise ValueError(f"site metrics must be exactly {sorted(allowed)}; extra {sorted(extra)}, missing {sorted(missing)}")
-    return {k: float(metrics[k]) for k in allowed}
+        raise ValueError(f"site metrics must be among {sorted(allowed)} and include {sorted(required)}; "
+                         f"extra {sorted(extra)}, missing {sorted(missing)}")
+    return {k: float(metrics[k]) for k in allowed if k in metrics}
 
 
-__all__ = ["EVAL_METRIC_KEYS", "TRAIN_METRIC_KEYS", "RoundSettings", "SiteAlgo", "check_metrics", "get_weights",
+__all__ = ["EVAL_METRIC_KEYS", "EVAL_REQUIRED_KEYS", "TRAIN_METRIC_KEYS", "RoundSettings", "SiteAlgo", "check_metrics", "get_weights",
            "norm_parameter_names", "set_weights"]

@@ -14,6 +14,7 @@ from fedsubtype.configio import from_dict, load_yaml
 from fedsubtype.federation.credentials import check_site_name
 from fedsubtype.errors import ConfigError
 from fedsubtype.privacy import PrivacyConfig
+from fedsubtype.privacy.limits import SiteLimits
 from fedsubtype.data.preprocess import PreprocessConfig
 
 DEFAULT_SUPERLINK = "127.0.0.1:9092"
@@ -26,7 +27,7 @@ class SiteConfig:
     name: str
     """The site's name as registered by the coordinator (letters, digits, '-', '_', '.')."""
     manifest: Path
-    """The site's case manifest (CSV, DESIGN.md §2)."""
+    """The site's case manifest (CSV; columns in docs/architecture.md)."""
     superlink: str = DEFAULT_SUPERLINK
     """The coordinator's SuperLink address, host:port."""
     ca_certificate: Path | None = None
@@ -57,6 +58,8 @@ class SiteConfig:
     """Preprocessing used to warm the cache before connecting; rounds use the coordinator's (re-warmed if it differs)."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Differential privacy at this site (DP-SGD); the coordinator cannot change it."""
+    limits: SiteLimits = field(default_factory=SiteLimits)
+    """The most the coordinator may ask of this site (batch size, epochs, steps, rounds, model, input size, metrics)."""
     connect_retries: int = 8
     """Attempts to reach the SuperLink before giving up (exponential back-off: 1, 2, 4, ... 30 s)."""
     connect_timeout_s: float = 120.0
@@ -119,6 +122,13 @@ class SiteConfig:
     def cache_dir(self) -> Path:
         """The preprocessing cache folder (explicit, or next to the manifest)."""
         return Path(self.cache) if self.cache is not None else Path(self.manifest).parent / ".fedsubtype-cache"
+
+    def requests_path(self) -> Path:
+        """Where the site counts the rounds and evaluations it served per run: next to its privacy ledger."""
+        from fedsubtype.privacy.requests import REQUESTS_FILENAME
+
+        folder = Path(self.privacy.ledger).parent if self.privacy.ledger is not None else self.state_dir()
+        return folder / REQUESTS_FILENAME
 
     def state_dir(self) -> Path:
         """The site's local state folder."""

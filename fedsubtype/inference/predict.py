@@ -56,8 +56,7 @@ def subtype_of(calls: dict[str, int], ki67: float) -> tuple[str, str]:
 
 def _tensors(pre: PreprocessedCase, device: torch.device) -> dict[str, torch.Tensor]:
     return {"image": torch.as_tensor(np.asarray(pre.image, dtype=np.float32))[None, None].to(device),
-            "regions": torch.as_tensor(np.asarray(pre.regions, dtype=np.int64))[None].to(device),
-            "voxel_mm": torch.tensor([pre.voxel_mm], dtype=torch.float32, device=device)}
+            "regions": torch.as_tensor(np.asarray(pre.regions, dtype=np.int64))[None].to(device)}
 
 
 @torch.no_grad()

@@ -43,14 +43,10 @@ def _stage(in_ch: int, out_ch: int, n_blocks: int, stride: int, groups: int) -> 
 class FeatureExtractor(nn.Module):
     """Stride-2 stem then three residual stages; returns features at 1/2, 1/4 and 1/8 of the input."""
 
-    def __init__(self, in_ch: int, width: int, blocks: tuple[int, int, int], groups: int,
-                 stem: str = "strided") -> None:
+    def __init__(self, in_ch: int, width: int, blocks: tuple[int, int, int], groups: int) -> None:
         super().__init__()
         self.channels = (width, 2 * width, 4 * width)
-        full_res: list[nn.Module] = []
-        if stem == "deep":  # texture at the input's own voxel size is read before the first downsampling
-            full_res = [nn.Conv3d(in_ch, width, 3, padding=1, bias=False), group_norm(width, groups), nn.SiLU()]
-        self.stem = nn.Sequential(*full_res, nn.Conv3d(width if full_res else in_ch, width, 3, stride=2, padding=1, bias=False),
+        self.stem = nn.Sequential(nn.Conv3d(in_ch, width, 3, stride=2, padding=1, bias=False),
                                   group_norm(width, groups), nn.SiLU())
         self.stages = nn.ModuleList([
             _stage(width, self.channels[0], blocks[0], 1, groups),

@@ -2,11 +2,11 @@
 
 Trained on a few hundred cases, the convolutional features settle on the tumour's size and encode the
 enhancement level, its spread and the peritumoral signal worse than plain region means and standard
-deviations of the input do (docs/paper-benchmark.md). These statistics have no parameters; they join
-the region-pooled features before the shared representation (`region_statistics`), and/or each task
-reads them through its own linear map started from a linear model of the training cases
-(`statistics_heads`, `StatisticsHeads`). With `peritumoral_profile` they also include the image's mean in
-distance bands of the peritumoral shell (`peritumoral_profile`).
+deviations of the input do (docs/paper-benchmark.md). These statistics have no parameters; with the
+model's `read_out` they join the region-pooled features before the shared representation (`statistics`),
+and each task also reads them through its own linear map started from a linear model of the training
+cases (`linear_heads`, `StatisticsHeads`); `linear_heads_profile` adds the image's mean in distance bands
+of the peritumoral shell (`peritumoral_profile`).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
     if not owners or len(data) == 0:
         return 0
     # networks that see the same regions the same way read the same statistics: computed once per view
-    readers = {(m.spec.regions, m.cfg.peritumoral_profile): m for m, _ in owners}
+    readers = {(m.spec.regions, m.cfg.read_out_parts.profile): m for m, _ in owners}
     by_view: dict[tuple, list[torch.Tensor]] = {view: [] for view in readers}
     labels, present = [], []
     with torch.no_grad():
@@ -180,7 +180,7 @@ def fit_statistics_heads(model: nn.Module, data, seed: int = 0, batch_size: int 
                 by_view[view].append(reader.input_statistics(image, region_masks(batch["regions"], view[0])))
     y = torch.where(torch.cat(present).bool(), torch.cat(labels).double(), torch.tensor(float("nan"))).numpy()
     for m, heads in owners:
-        stats = torch.cat(by_view[(m.spec.regions, m.cfg.peritumoral_profile)]).double().numpy()
+        stats = torch.cat(by_view[(m.spec.regions, m.cfg.read_out_parts.profile)]).double().numpy()
         center, scale, fits = linear_read_outs(stats, y, m.tasks, seed)
         with torch.no_grad():
             heads.center.copy_(torch.as_tensor(center))

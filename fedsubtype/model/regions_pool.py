@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsubtype import REGION_LABELS
-from fedsubtype.model.config import POOLINGS, REGION_MIXINGS
 from fedsubtype.model.variants import ALL_REGIONS
 
 
@@ -34,51 +33,32 @@ def weighted_moments(feats: torch.Tensor, weights: torch.Tensor, std: bool) -> t
 
 
 class RegionWeighting(nn.Module):
-    """Pools features per region (weights = attention x region fraction), then weighs the regions with
-    input-dependent weights from a small gate; absent regions get weight 0.
-
-    `softmax_sum`: softmax weights, one weighted sum of the region vectors (the regions compete, and
-    one can take all the weight); `gated_concat`: an independent sigmoid weight per region scales its
-    vector, and the vectors are concatenated, so each region keeps its own features.
+    """Pools features per region (weighted mean, weights = attention x region fraction), then weighs the
+    regions with input-dependent softmax weights from a small gate and sums them; absent regions get weight 0.
     """
 
-    def __init__(self, dim: int, regions: tuple[str, ...], pooling: str = "mean", mixing: str = "softmax_sum") -> None:
+    def __init__(self, dim: int, regions: tuple[str, ...]) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if mixing not in REGION_MIXINGS:
-            raise ValueError(f"mixing must be one of {REGION_MIXINGS}, got {mixing!r}")
         self.regions = tuple(regions)
         self.index = [ALL_REGIONS.index(r) for r in self.regions]
-        self.std = pooling == "mean_std"
-        self.concat = mixing == "gated_concat"
-        self.out_dim = dim * len(self.regions) if self.concat else dim
-        """Size of the vector returned by forward."""
-        pooled = 2 * dim if self.std else dim
-        self.proj = nn.ModuleDict({r: nn.Linear(pooled, dim) for r in self.regions})
-        self.gate = nn.Sequential(nn.Linear(len(self.regions) * pooled, dim), nn.SiLU(), nn.Linear(dim, len(self.regions)))
+        self.proj = nn.ModuleDict({r: nn.Linear(dim, dim) for r in self.regions})
+        self.gate = nn.Sequential(nn.Linear(len(self.regions) * dim, dim), nn.SiLU(), nn.Linear(dim, len(self.regions)))
         self.act = nn.SiLU()
 
     def forward(self, feats: torch.Tensor, fractions: torch.Tensor, attention: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B,C,s,s,s], fractions [B,R,s,s,s] (regions of this module), attention [B,1,s,s,s] or None.
-        Returns the region-weighted vector [B,out_dim] and the weights [B,3] over ALL_REGIONS (summing to 1)."""
+        Returns the region-weighted vector [B,C] and the weights [B,3] over ALL_REGIONS (summing to 1)."""
         weights = fractions if attention is None else fractions * attention
-        pooled = weighted_moments(feats, weights, self.std)
+        pooled = weighted_moments(feats, weights, std=False)
         projected = torch.stack([self.act(self.proj[r](pooled[:, i])) for i, r in enumerate(self.regions)], dim=1)
         present = fractions.flatten(2).sum(-1) > 0
         none = ~present.any(dim=1, keepdim=True)
         logits = self.gate(pooled.flatten(1))
-        if self.concat:
-            gates = torch.sigmoid(logits) * present
-            vector = (gates.unsqueeze(-1) * projected).flatten(1)
-            share = gates / gates.sum(1, keepdim=True).clamp_min(1e-6)
-            w = torch.where(none, torch.full_like(share, 1.0 / len(self.regions)), share)
-        else:
-            logits = torch.where(present, logits, torch.full_like(logits, torch.finfo(logits.dtype).min))
-            logits = torch.where(none, torch.zeros_like(logits), logits)  # no region at all: uniform weights
-            w = torch.softmax(logits, dim=1)
-            vector = (w.unsqueeze(-1) * projected).sum(1)
+        logits = torch.where(present, logits, torch.full_like(logits, torch.finfo(logits.dtype).min))
+        logits = torch.where(none, torch.zeros_like(logits), logits)  # no region at all: uniform weights
+        w = torch.softmax(logits, dim=1)
+        vector = (w.unsqueeze(-1) * projected).sum(1)
         full = torch.zeros(w.shape[0], len(ALL_REGIONS), dtype=w.dtype, device=w.device)
         full = full.index_copy(1, torch.tensor(self.index, device=w.device), w)
         return vector, full

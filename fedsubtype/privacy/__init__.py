@@ -8,7 +8,12 @@ Light to import: torch/opacus are imported only by :mod:`fedsubtype.privacy.engi
 - :mod:`.ledger` — the per-site, per-run JSON ledger of every released step.
 - :mod:`.engine` — the Opacus hook `training.fit(privacy=...)` calls.
 - :mod:`.site` — SitePrivacy: plan, budget check, hook and ledger for SiteAlgo.
-- :mod:`.site_level` — Flower's site-level DP strategy wrappers (federation.yaml `site_level_dp:`).
+- :mod:`.site_level` — Flower's site-level DP strategy wrappers (federation.yaml `site_level_dp:`), equal
+  weights and entropy-seeded noise.
+- :mod:`.limits` — site.yaml `limits:` and RoundDeclined: what the coordinator may ask of a site.
+- :mod:`.requests` — rounds and evaluations served per run id (checked against the limits).
+- :mod:`.metrics_gate` — evaluation metrics leave a site only when computed over enough cases.
+- :mod:`.report` — `fedsubtype-client --privacy-report`: ε per run and over all runs.
 """
 
 from fedsubtype.privacy.config import PrivacyConfig

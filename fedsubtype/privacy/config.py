@@ -34,6 +34,11 @@ class PrivacyConfig:
     rounds:           rounds the noise is planned for; None → the number the coordinator announces for the
                       run (a coordinator announcing fewer than it runs only gets fewer rounds: the ledger
                       declines every round past the budget).
+    lifetime_epsilon: the site's budget over ALL runs in its ledger (every run id the coordinator may choose),
+                      at the current run's δ; None → target_epsilon (a new run id then gets no fresh budget).
+    reproducible_noise: seed DP sampling and noise from the run's seed, run id and round (simulations only:
+                      anyone knowing those can regenerate the noise); False → seeds from the OS's entropy.
+                      fedsubtype-client refuses true.
     """
 
     enabled: bool = False
@@ -44,6 +49,8 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     ledger: Path | None = None
     rounds: int | None = None
+    lifetime_epsilon: float | None = None
+    reproducible_noise: bool = False
 
     def validate(self, where: str = "privacy") -> None:
         """One-line ConfigErrors for settings that can never be right (δ vs 1/n is checked later)."""
@@ -65,9 +72,19 @@ class PrivacyConfig:
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {self.rounds}", "use the planned number of rounds, or omit it",
                               where=f"{where}.rounds")
+        if self.lifetime_epsilon is not None and not (self.lifetime_epsilon > 0 and math.isfinite(self.lifetime_epsilon)):
+            raise ConfigError(f"lifetime_epsilon must be a positive finite number, got {self.lifetime_epsilon}",
+                              "use e.g. 8 (the site's total over all runs), or omit it (= target_epsilon)",
+                              where=f"{where}.lifetime_epsilon")
         if self.enabled and self.target_epsilon is None:
             raise ConfigError("privacy is enabled but no target_epsilon (the site's budget) is set",
                               "add target_epsilon, e.g. 8", where=f"{where}.target_epsilon")
+
+    def lifetime_budget(self) -> float:
+        """ε the site allows over all runs together (lifetime_epsilon, else the per-run target_epsilon)."""
+        if self.lifetime_epsilon is not None:
+            return float(self.lifetime_epsilon)
+        return float(self.target_epsilon) if self.target_epsilon is not None else math.inf
 
     def resolved_delta(self, n_train: int, where: str = "privacy") -> float:
         """δ for a site with `n_train` training cases; a δ ≥ 1/n is a ConfigError (it allows leaking a case)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -48,8 +49,16 @@ def check_model(model: nn.Module, where: str = "model") -> None:
                         where=where)
 
 
+def entropy_seed() -> int:
+    """A 63-bit seed from the operating system's entropy: DP noise nobody outside the site can regenerate.
+
+    (Not Opacus' secure_mode, which needs torchcsprng: see docs/privacy.md on floating-point attacks.)
+    """
+    return secrets.randbits(63)
+
+
 def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (run id, round, steps so far): fresh noise for every release, reproducibly."""
+    """A 63-bit seed from any parts (run id, round, steps so far): reproducible noise, for simulations only."""
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
@@ -96,7 +105,8 @@ class OpacusPrivacy:
     """DP-SGD for one local round, implementing `fedsubtype.train.loop.PrivacyHook` with Opacus.
 
     `max_steps` caps the noisy steps this round may take (the ledger's budget check decides it);
-    `seed` seeds Poisson sampling and noise and must differ per release (see :func:`derive_seed`);
+    `seed` seeds Poisson sampling and noise; it must differ per release and, outside simulations, come from
+    :func:`entropy_seed` (a seed the coordinator can compute lets it regenerate and subtract the noise);
     `server_round` labels the release in the ledger.
     """
 

@@ -43,7 +43,7 @@ def _compact(history: Sequence[Entry]) -> list[Entry]:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Exclusive lock on `<ledger>.lock` so processes of one site (e.g. simulation workers) never interleave."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a+", encoding="utf-8") as fh:
@@ -82,18 +82,7 @@ class PrivacyLedger:
         self._delta, self._accountant = float(delta), str(accountant)
 
     def _read(self) -> dict[str, Any]:
-        if not self.path.exists():
-            return {"format": FORMAT_VERSION, "runs": {}}
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"privacy ledger unreadable ({exc})",
-                              "restore it from backup; never delete it mid-run (it is the record of ε spent)",
-                              where=str(self.path)) from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION or not isinstance(doc.get("runs"), dict):
-            raise ConfigError("not a fedsubtype privacy ledger (format 1)", "point privacy.ledger at another file",
-                              where=str(self.path))
-        return doc
+        return _read_doc(self.path)
 
     def _run(self) -> dict[str, Any]:
         """This run's record as it is on disk now (an empty one before the first write)."""
@@ -101,7 +90,7 @@ class PrivacyLedger:
 
     def _update(self, change: Any) -> dict[str, Any]:
         """Locked read-modify-write of this run's record; returns the record written."""
-        with _locked(self.path):
+        with locked(self.path):
             doc = self._read()
             run = doc["runs"].setdefault(self.run_id, dict(self._new_run))
             run["target_epsilon"] = self._target
@@ -181,8 +170,33 @@ class PrivacyLedger:
 
     def epsilon_all_runs(self) -> float:
         """ε over every run in this file composed together at this run's δ (the site's lifetime figure)."""
+        return self.epsilon_all_runs_if(())
+
+    def epsilon_all_runs_if(self, extra: Sequence[Entry]) -> float:
+        """The lifetime ε (every run in this file, at this run's δ) after also releasing `extra` steps."""
         history = [tuple(e) for run in self._read()["runs"].values() for e in run["history"]]
-        return epsilon_for(_compact(history), self.delta, self.accountant)
+        return epsilon_for(_compact(history + list(extra)), self.delta, self.accountant)
+
+
+def read_runs(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Every run's record in a ledger file ({} when there is none yet), for reports; never writes."""
+    return _read_doc(Path(path))["runs"]
+
+
+def _read_doc(path: Path) -> dict[str, Any]:
+    """The ledger document at `path` (an empty one when absent); one-line ConfigErrors when unreadable."""
+    if not path.exists():
+        return {"format": FORMAT_VERSION, "runs": {}}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"privacy ledger unreadable ({exc})",
+                          "restore it from backup; never delete it mid-run (it is the record of ε spent)",
+                          where=str(path)) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION or not isinstance(doc.get("runs"), dict):
+        raise ConfigError("not a fedsubtype privacy ledger (format 1)", "point privacy.ledger at another file",
+                          where=str(path))
+    return doc
 
 
 def _now() -> str:

@@ -10,14 +10,16 @@ ignored (:func:`privacy_overrides` names them so the site can log the attempt).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsubtype.errors import UserError
+from fedsubtype.errors import ConfigError
 from fedsubtype.privacy.accounting import PrivacyPlan, make_plan
 from fedsubtype.privacy.config import PrivacyConfig
 from fedsubtype.privacy.ledger import PrivacyLedger
+from fedsubtype.privacy.limits import RoundDeclined
 
 LEDGER_FILENAME = "privacy_ledger.json"
 
@@ -36,17 +38,25 @@ def privacy_overrides(round_config: Mapping[str, Any]) -> list[str]:
                   and any(w in str(k).lower() for w in _OVERRIDE_WORDS))
 
 
-class PrivacyBudgetExhausted(UserError):
-    """A round the site declines because it would exceed the site's privacy budget.
+class PrivacyBudgetExhausted(RoundDeclined):
+    """A round the site declines because it would exceed the site's privacy budget (this run's or its lifetime's).
 
-    The ClientApp answers the coordinator with `line()` (ε figures only, nothing about cases) and
-    `metrics` (aggregate: ε spent, budget, δ, budget_exhausted = 1).
+    The ClientApp answers the coordinator with `line()` (ε figures only, nothing about cases); `metrics`
+    (ε spent, budget, δ, budget_exhausted = 1) are for the site's own log.
     """
 
     def __init__(self, reason: str, metrics: dict[str, float]) -> None:
-        super().__init__(reason, "the site has spent its privacy budget for this run; it will decline further rounds",
+        super().__init__(reason, "the site has spent its privacy budget; it will decline further rounds",
                          where="privacy")
         self.metrics = metrics
+
+
+def refuse_reproducible_noise(cfg: PrivacyConfig, where: str = "site.privacy") -> None:
+    """Deployment check: reproducible DP noise (a simulation-only setting) lets others regenerate the noise."""
+    if cfg.reproducible_noise:
+        raise ConfigError("privacy.reproducible_noise is for simulations only (anyone who knows the run's seed "
+                          "could regenerate and subtract this site's DP noise)",
+                          "remove reproducible_noise or set it to false", where=f"{where}.reproducible_noise")
 
 
 def startup_check(cfg: PrivacyConfig, *, n_train: int, batch_size: int, rounds: int | None = None,
@@ -69,9 +79,12 @@ class SitePrivacy:
     """A site's DP-SGD plan and ledger for one federation run."""
 
     def __init__(self, plan: PrivacyPlan, ledger: PrivacyLedger, *, run_id: str, seed: int = 0,
-                 grad_sample_mode: str | None = None) -> None:
+                 grad_sample_mode: str | None = None, lifetime_epsilon: float = math.inf,
+                 reproducible_noise: bool = False) -> None:
         self.plan, self.ledger, self.run_id, self.seed = plan, ledger, str(run_id), int(seed)
         self.grad_sample_mode = grad_sample_mode
+        self.lifetime_epsilon = float(lifetime_epsilon)
+        self.reproducible_noise = bool(reproducible_noise)
 
     @classmethod
     def start(cls, cfg: PrivacyConfig, *, site: str, n_train: int, batch_size: int, rounds: int,
@@ -101,14 +114,15 @@ class SitePrivacy:
                              local_epochs=local_epochs, steps_per_round=max_steps, where=where)
             # a changed site.yaml re-plans; otherwise a plan stored meanwhile by another process wins
             plan = PrivacyPlan(**ledger.save_plan(dataclasses.asdict(plan), replace=saved is not None))
-        return cls(plan, ledger, run_id=run_id, seed=seed)
+        return cls(plan, ledger, run_id=run_id, seed=seed, lifetime_epsilon=cfg.lifetime_budget(),
+                   reproducible_noise=cfg.reproducible_noise)
 
     def summary(self) -> str:
         """What the plan costs and what this run has already spent (ledger)."""
         line = f"privacy: {self.plan.summary()}; ledger {self.ledger.path}"
         if self.ledger.steps:
             line += f" (run {self.run_id}: already spent ε = {self.ledger.spent():.3f} over {self.ledger.steps} steps)"
-        return line
+        return line + f"; all runs: ε = {self.ledger.epsilon_all_runs():.3f} of the lifetime {self.lifetime_epsilon:g}"
 
     def round_entries(self) -> list[tuple[float, float, int]]:
         """What one planned round releases."""
@@ -121,18 +135,28 @@ class SitePrivacy:
             raise PrivacyBudgetExhausted(reason, self.metrics(declined=True))
 
     def check(self, server_round: int) -> str | None:
-        """None when the round fits in the budget; otherwise the one-line 'budget exhausted' reason."""
+        """None when the round fits this run's budget and the site's lifetime budget; else the one-line reason."""
         after = self.ledger.epsilon_if(self.round_entries())
-        if after <= self.plan.target_epsilon:
-            return None
-        return (f"privacy budget exhausted: round {server_round} would raise ε from {self.ledger.spent():.3f} to "
-                f"{after:.3f} > budget {self.plan.target_epsilon:g} (δ = {self.plan.delta:.2g}); the site declines")
+        if after > self.plan.target_epsilon:
+            return (f"privacy budget exhausted: round {server_round} would raise ε from {self.ledger.spent():.3f} to "
+                    f"{after:.3f} > budget {self.plan.target_epsilon:g} (δ = {self.plan.delta:.2g}); the site declines")
+        lifetime = self.ledger.epsilon_all_runs_if(self.round_entries())
+        if lifetime > self.lifetime_epsilon:
+            return (f"lifetime privacy budget exhausted: round {server_round} of run {self.run_id} would raise the "
+                    f"site's ε over all runs from {self.ledger.epsilon_all_runs():.3f} to {lifetime:.3f} > lifetime "
+                    f"budget {self.lifetime_epsilon:g} (δ = {self.plan.delta:.2g}); the site declines")
+        return None
 
     def hook(self, server_round: int) -> Any:
-        """The Opacus hook (engine.OpacusPrivacy) for this round's `fit`: capped at the planned steps, fresh noise."""
-        from fedsubtype.privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed
+        """The Opacus hook (engine.OpacusPrivacy) for this round's `fit`: capped at the planned steps, fresh noise.
 
-        seed = derive_seed(self.seed, self.run_id, server_round, self.ledger.steps)
+        Sampling and noise are seeded from the OS's entropy unless the site opted into reproducible noise
+        (simulations): then from the run's seed, run id, round and steps, which the coordinator knows.
+        """
+        from fedsubtype.privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, OpacusPrivacy, derive_seed, entropy_seed
+
+        seed = (derive_seed(self.seed, self.run_id, server_round, self.ledger.steps) if self.reproducible_noise
+                else entropy_seed())
         return OpacusPrivacy(self.plan, seed=seed, max_steps=self.plan.steps_per_round,
                              grad_sample_mode=self.grad_sample_mode or DEFAULT_GRAD_SAMPLE_MODE,
                              server_round=server_round)

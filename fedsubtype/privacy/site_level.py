@@ -11,8 +11,12 @@ federation.yaml selects it; the server calls :func:`wrap_strategy`, the ClientAp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from fedsubtype.errors import ConfigError
 
@@ -80,10 +84,51 @@ def wrap_strategy(strategy: Any, cfg: SiteLevelDPConfig, *, num_sampled_sites: i
 
     n = int(cfg.num_sampled_sites or num_sampled_sites)
     try:
-        return _wrap(fs, strategy, cfg, n)
+        wrapped = _wrap(fs, strategy, cfg, n)
     except ValueError as exc:  # Flower checks the combination (e.g. adaptive noise too small for few sites)
         raise ConfigError(f"site-level DP settings rejected by Flower: {exc}", "see docs/privacy.md",
                           where="site_level_dp") from None
+    _equal_weights_and_entropy_noise(wrapped, getattr(strategy, "weighted_by_key", "num-examples"))
+    return wrapped
+
+
+@contextmanager
+def entropy_seeded_numpy() -> Iterator[None]:
+    """NumPy's global generator seeded from the OS's entropy inside the block, its previous state restored after.
+
+    Flower's DP wrappers draw their noise from `np.random`, which the coordinator seeds with the run's seed
+    (known to every site and written into model.pt): anyone could regenerate that noise and subtract it.
+    Restoring the state keeps every other seeded draw of the run reproducible.
+    """
+    state = np.random.get_state()
+    np.random.seed(None)  # fresh entropy from the OS
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _equal_weights_and_entropy_noise(wrapped: Any, weight_key: str) -> None:
+    """Make the wrapper average site updates with equal weights (as its accounting assumes) and noise from entropy.
+
+    The sites' example counts are kept for the reported `num-examples` total.
+    """
+    aggregate = wrapped.aggregate_train
+
+    def aggregate_train(server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
+        replies = list(replies)
+        total = 0.0
+        for reply in replies:
+            for record in reply.content.metric_records.values():
+                total += float(record.get(weight_key, 0.0))
+                record[weight_key] = 1.0
+        with entropy_seeded_numpy():
+            arrays, metrics = aggregate(server_round, replies)
+        if metrics is not None and weight_key in metrics:
+            metrics[weight_key] = total
+        return arrays, metrics
+
+    wrapped.aggregate_train = aggregate_train
 
 
 def _wrap(fs: Any, strategy: Any, cfg: SiteLevelDPConfig, n: int) -> Any:

@@ -24,10 +24,12 @@ from torch import nn
 from fedsubtype import CLASSIFICATION_TASKS, __version__
 from fedsubtype.configio import atomic_write_bytes, from_dict, to_dict
 from fedsubtype.errors import ConfigError, ModelFileError
+from fedsubtype.migrate import SETTINGS_VERSION, migrate_model_config, migrate_preprocess_config
 
 FORMAT_TAG = "fedsubtype-model"
-FORMAT_VERSION = 1
-"""Bump when the layout changes incompatibly; older readers refuse newer files with a one-line error."""
+FORMAT_VERSION = SETTINGS_VERSION
+"""The settings version of the stored configurations (`fedsubtype.migrate`; 1 before the pruned model). Bump
+with it, or when the layout changes incompatibly; older readers refuse newer files with a one-line error."""
 
 
 @dataclass
@@ -119,16 +121,20 @@ def _read_payload(path: Path) -> dict[str, Any]:
 
 def read_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelBundle]:
     """The weights and the rebuilt configurations of a model file, without building the network."""
+    from fedsubtype.data.preprocess import PreprocessConfig
     from fedsubtype.model import ModelConfig
-    from fedsubtype.model.config import LEGACY_DEFAULTS as MODEL_LEGACY
-    from fedsubtype.data.preprocess import LEGACY_DEFAULTS, PreprocessConfig
 
     path = Path(path)
     payload = _read_payload(path)
+    version = payload["format_version"]
     try:
-        model_cfg = from_dict(ModelConfig, {**MODEL_LEGACY, **payload["model_config"]}, where="model_config")
-        prep_cfg = from_dict(PreprocessConfig, {**LEGACY_DEFAULTS, **payload["preprocess_config"]},
-                             where="preprocess_config")
+        model_raw = migrate_model_config(payload["model_config"], version, "model_config")
+        prep_raw = migrate_preprocess_config(payload["preprocess_config"], version, "preprocess_config")
+    except ConfigError as exc:  # an option or combination this version no longer builds
+        raise ModelFileError(f"{exc.where}: {exc.what}", exc.fix, where=str(path)) from None
+    try:
+        model_cfg = from_dict(ModelConfig, model_raw, where="model_config")
+        prep_cfg = from_dict(PreprocessConfig, prep_raw, where="preprocess_config")
     except ConfigError as exc:
         raise ModelFileError(f"stored configuration is not valid here ({exc.line()})",
                              "use the fedsubtype version that wrote it", where=str(path)) from None

@@ -11,7 +11,7 @@ from fedsubtype.errors import ConfigError
 from fedsubtype.model import ModelConfig
 from fedsubtype.data.preprocess import PreprocessConfig
 from fedsubtype.data.splits import STRATIFY_CHOICES, _check_fractions
-from fedsubtype.train.loop import TrainConfig
+from fedsubtype.train.config import TrainConfig
 
 DEFAULT_CACHE_DIRNAME = ".fedsubtype-cache"
 
