@@ -16,12 +16,12 @@ from flwr.clientapp import ClientApp
 
 from fedsubtype.errors import UserError
 from fedsubtype.federation.site_algo import SiteAlgo
-from fedsubtype.privacy.site import PrivacyBudgetExhausted
+from fedsubtype.privacy.limits import RoundDeclined
 from fedsubtype.privacy.site_level import site_level_clipping_mod
 from fedsubtype.federation.site_config import load_site_config
+from fedsubtype.federation.site_node import SITE_CONFIG_KEY
 from fedsubtype.federation.transport import LAYOUT_KEY, pack, unpack
 
-SITE_CONFIG_KEY = "site-config"
 app = ClientApp(mods=[site_level_clipping_mod])  # a pass-through unless the round asks for site-level clipping
 _ALGOS: dict[str, SiteAlgo] = {}
 _log = logging.getLogger("fedsubtype.site")
@@ -40,11 +40,16 @@ def _algo(context: Context) -> SiteAlgo:
     return _ALGOS[key]
 
 
+def prepare_site(site_config: str) -> None:
+    """Load the site's SiteAlgo ahead of the first message (used by the site's warm executor)."""
+    _algo(Context(run_id=0, node_id=0, node_config={SITE_CONFIG_KEY: site_config}, state=RecordDict(), run_config={}))
+
+
 def _guarded(kind: str, body):
     """Run a handler body; keep the full error at the site, send only its type to the coordinator."""
     try:
         return body()
-    except PrivacyBudgetExhausted as exc:  # privacy: a declined round; the reason holds only ε figures
+    except RoundDeclined as exc:  # limits or privacy budget: the reason holds only limits and ε figures
         _log.warning("site declined %s: %s", kind, exc.line())
         raise RuntimeError(exc.line()) from None
     except Exception as exc:  # noqa: BLE001 - everything must be sanitised before it leaves the site

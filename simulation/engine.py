@@ -2,68 +2,29 @@
 
 Each virtual SuperNode gets its site exactly as `fedsubtype-client` gives it to a real one: a `site.yaml`
 path in the node config (`site-config`). The ServerApp reads the run's federation config from
-`<run-dir>/launch.json`, as under `fedsubtype-server`. Only this wiring is simulation-specific.
+`<run-dir>/launch.json`, as under `fedsubtype-server`. Starting the engine itself is simulation/flower_sim.py.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from fedsubtype.configio import atomic_write_text, dump_yaml, from_dict, to_dict
-from fedsubtype.errors import UserError
+from fedsubtype.configio import dump_yaml, from_dict, to_dict
 from fedsubtype.data.manifest import write_manifest
+from fedsubtype.errors import UserError
+from fedsubtype.federation.launch import write_launch
+from fedsubtype.federation.site_node import SITE_CONFIG_KEY
 
 from .baselines import TrainedModel
 from .cohort import Cohort
+from .flower_sim import ray_start_timeout, run_on_simulation_engine
 from .scenario import Scenario
 
-SITE_CONFIG_KEY = "site-config"  # the node-config key client/client_app.py reads
-PARTITION_ID_KEY = "partition-id"  # what Flower's simulation engine puts in each virtual node's config
 RAY_START_ATTEMPTS = 3
-
-
-def _ray_start_timeout(exc: BaseException) -> bool:
-    """True when the engine failed because Ray's node did not come up in time (an overloaded machine)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if "timed out during startup" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-class SiteNodeClientApp:
-    """The real ClientApp, with virtual SuperNode i given site i's node config (as `--node-config` would).
-
-    Picklable, so Ray actors receive it; it changes nothing else about the app.
-    """
-
-    def __init__(self, app: Any, node_configs: dict[int, dict[str, str]]) -> None:
-        self.app = app
-        self.node_configs = node_configs
-
-    def __call__(self, message: Any, context: Any) -> Any:
-        partition = int(context.node_config[PARTITION_ID_KEY])
-        context.node_config.update(self.node_configs[partition])
-        return self.app(message=message, context=context)
-
-
-class RunConfigServerApp:
-    """The real ServerApp, given the run config that `flwr run` would pass (the run folder)."""
-
-    def __init__(self, app: Any, run_config: dict[str, Any]) -> None:
-        self.app = app
-        self.run_config = run_config
-
-    def __call__(self, grid: Any, context: Any) -> None:
-        context.run_config.update(self.run_config)
-        self.app(grid=grid, context=context)
 
 
 def federation_config(key: Any, scen: Scenario, n_sites: int, run_dir: Path, cohort: Cohort) -> Any:
@@ -99,22 +60,17 @@ def write_site_files(scen: Scenario, cohort: Cohort, sites: list[str], folder: P
         privacy = dict(scen.privacy)
         if privacy.get("enabled"):
             privacy.setdefault("ledger", str((site_dir / "privacy_ledger.json").resolve()))
+            privacy.setdefault("reproducible_noise", True)  # phantom sites: same seeds, same study (docs/privacy.md)
         config = {
             "name": site, "manifest": str(manifest.resolve()), "manifest_site": site,
             "cache": str(Path(scen.data.cache_dir).resolve()), "work_dir": str(site_dir.resolve()),
             "threads": scen.ray.threads_per_client, "device": "cpu", "allow_insecure": True,
             "preprocess": to_dict(cohort.preprocess_config), "privacy": privacy,
+            "limits": {"min_cases_per_metric": 1},  # phantom: keep the small local validation curves (deployment: 10)
         }
         dump_yaml(config, site_dir / "site.yaml")
         node_configs[i] = {SITE_CONFIG_KEY: str((site_dir / "site.yaml").resolve())}
     return node_configs
-
-
-def backend_config(scen: Scenario) -> dict[str, Any]:
-    """Ray resources: each virtual node's CPUs/GPUs; join `ray.address` when given, else start Ray locally."""
-    ray = scen.ray
-    init_args: dict[str, Any] = {"address": ray.address} if ray.address else {"num_cpus": ray.num_cpus or os.cpu_count() or 1}
-    return {"client_resources": {"num_cpus": ray.client_cpus, "num_gpus": ray.client_gpus}, "init_args": init_args}
 
 
 BUDGET_EXHAUSTED = "privacy budget exhausted"
@@ -153,48 +109,28 @@ def _history(run_dir: Path, local_epochs: int) -> tuple[list[dict[str, Any]], in
     return [rows[k] for k in sorted(rows)], samples
 
 
-def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], init_model: Any, folder: Path,
-                   say: Callable[[str], None], verbose: bool = False) -> dict[str, TrainedModel]:
-    """One federated run of `key` over `sites` on the simulation engine.
+def _has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "latest.json").is_file()
 
-    Returns the final global model as "global"; under FedBN also each site's personalised model (the
-    global weights with the site's own normalisation layers) under the site's name.
-    """
-    from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
-    from fedsubtype.train.checkpoint import load_model
-    from server.server_app import app as server_app
-
-    folder.mkdir(parents=True, exist_ok=True)
-    run_dir = (folder / "server").resolve()
-    if _trained_rounds(run_dir)[1]:  # an earlier attempt had rounds nobody trained: never resume from those
-        import shutil
-
-        shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-    cfg = federation_config(key, scen, len(sites), run_dir, cohort)
-    cfg.validate("scenario federation")
-    resume = (run_dir / "checkpoints" / "latest.json").is_file()
-    atomic_write_text(run_dir / "launch.json", json.dumps({"federation": to_dict(cfg), "resume": resume}, indent=1))
-    node_configs = write_site_files(scen, cohort, sites, folder)
-    say(f"  Flower simulation engine: {len(sites)} virtual SuperNodes ({', '.join(sites)}), {cfg.rounds} rounds of "
-        f"{cfg.strategy}{' + local norm' if cfg.local_norm else ''}" + (" (resuming)" if resume else ""))
-    _quiet_engine(verbose)
+def _run_with_ray_retries(cfg: Any, run_dir: Path, node_configs: dict[int, dict[str, str]], scen: Scenario,
+                          folder: Path, say: Callable[[str], None], verbose: bool) -> None:
+    """Run the federation on the engine; retry (resuming from the last checkpoint) when Ray starts too slowly."""
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            run_simulation(server_app=RunConfigServerApp(server_app, {"run-dir": str(run_dir)}),
-                           client_app=SiteNodeClientApp(client_app, node_configs),
-                           num_supernodes=len(sites), backend_config=backend_config(scen), verbose_logging=verbose)
-            break
+            run_on_simulation_engine(str(run_dir), node_configs, scen.ray, verbose)
+            return
         except (RuntimeError, SystemExit) as exc:
-            if _ray_start_timeout(exc) and attempt < RAY_START_ATTEMPTS:
+            if ray_start_timeout(exc) and attempt < RAY_START_ATTEMPTS:
                 say(f"  Ray did not start within its 30 s limit (busy machine); retry {attempt}/{RAY_START_ATTEMPTS - 1}")
-                atomic_write_text(run_dir / "launch.json", json.dumps(
-                    {"federation": to_dict(cfg), "resume": (run_dir / "checkpoints" / "latest.json").is_file()}, indent=1))
+                write_launch(run_dir, cfg, _has_checkpoint(run_dir))
                 continue
             raise UserError(f"the federated run failed ({exc})", "rerun with -v to see the engine's log",
                             where=str(folder)) from None
+
+
+def _check_rounds(cfg: Any, run_dir: Path, folder: Path, say: Callable[[str], None]) -> Path:
+    """The final model's path, once every round trained (or the rest were declined for spent privacy budgets)."""
     trained, failed = _trained_rounds(run_dir)
     if trained and failed and all(BUDGET_EXHAUSTED in f for f in failed):
         say(f"  {len(failed)} round(s) declined: the sites' privacy budgets were spent; the model stands as of round {trained}")
@@ -207,7 +143,34 @@ def run_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], i
     if not model_path.is_file():
         raise UserError("the federation finished without a final model", "rerun with -v to see the engine's log",
                         where=str(run_dir))
-    model, _bundle = load_model(model_path)
+    return model_path
+
+
+def run_simulated_federation(key: Any, scen: Scenario, cohort: Cohort, sites: list[str], init_model: Any,
+                             folder: Path, say: Callable[[str], None], verbose: bool = False) -> dict[str, TrainedModel]:
+    """One federated run of `key` over `sites` as virtual SuperNodes on Flower's simulation engine.
+
+    Returns the final global model as "global"; under FedBN also each site's personalised model (the
+    global weights with the site's own normalisation layers) under the site's name.
+    """
+    from fedsubtype.train.checkpoint import load_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run_dir = (folder / "server").resolve()
+    if _trained_rounds(run_dir)[1]:  # an earlier attempt had rounds nobody trained: never resume from those
+        import shutil
+
+        shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    cfg = federation_config(key, scen, len(sites), run_dir, cohort)
+    cfg.validate("scenario federation")
+    resume = _has_checkpoint(run_dir)
+    write_launch(run_dir, cfg, resume)
+    node_configs = write_site_files(scen, cohort, sites, folder)
+    say(f"  Flower simulation engine: {len(sites)} virtual SuperNodes ({', '.join(sites)}), {cfg.rounds} rounds of "
+        f"{cfg.strategy}{' + local norm' if cfg.local_norm else ''}" + (" (resuming)" if resume else ""))
+    _run_with_ray_retries(cfg, run_dir, node_configs, scen, folder, say, verbose)
+    model, _bundle = load_model(_check_rounds(cfg, run_dir, folder, say))
     history, samples = _history(run_dir, cfg.local_epochs)
     out = {"global": TrainedModel(model, list(sites), history, samples)}
     if cfg.local_norm:
@@ -231,10 +194,3 @@ def _personalised(model: Any, sites: list[str], folder: Path, samples: int) -> d
         out[site] = TrainedModel(local.eval(), [site], [], samples)
     return out
 
-
-def _quiet_engine(verbose: bool) -> None:
-    """Keep the engine's per-round progress lines; silence Ray's start-up chatter unless verbose."""
-    if verbose:
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    logging.getLogger("ray").setLevel(logging.ERROR)

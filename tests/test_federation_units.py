@@ -133,7 +133,7 @@ def test_client_reports_missing_credentials_in_one_line(tmp_path, capsys):
 
 
 def test_client_failure_reasons():
-    from fedsubtype.cli.client_cli import classify_failure
+    from fedsubtype.federation.site_node import classify_failure
 
     assert "not registered" in classify_failure("[code: 2004] Failed to activate SuperNode.").line()
     assert "certificate" in classify_failure("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed").line()
@@ -243,7 +243,7 @@ def test_runstore_metrics_checkpoints_and_final_model(tmp_path):
 def test_nan_aware_aggregation():
     from flwr.app import MetricRecord, RecordDict
 
-    from server.server_app import nan_aware_mean
+    from fedsubtype.federation.strategy import nan_aware_mean
 
     recs = [RecordDict({"metrics": MetricRecord({"num-examples": 1.0, "auc": 0.5, "eps": float("nan")})}),
             RecordDict({"metrics": MetricRecord({"num-examples": 3.0, "auc": 0.9, "eps": float("nan")})}),
@@ -258,7 +258,8 @@ def test_strategies_are_built_from_the_config():
     from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
     from fedsubtype.federation.config import FederationConfig
-    from server.server_app import make_strategy, round_config
+    from fedsubtype.federation.rounds import round_config
+    from fedsubtype.federation.strategy import make_strategy
 
     for name, cls in (("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)):
         strategy = make_strategy(FederationConfig(strategy=name, min_sites=2, proximal_mu=0.3))
@@ -269,9 +270,29 @@ def test_strategies_are_built_from_the_config():
     assert rc["local-steps"] == 5 and rc["run-id"] == "rid" and json.loads(rc["model-config"])["variant"] == "full"
 
 
+
+def test_launch_json_is_the_servers_only_configuration_source(tmp_path):
+    from fedsubtype.federation.config import FederationConfig
+    from fedsubtype.federation.launch import read_launch, write_launch
+
+    with pytest.raises(ConfigError) as err:
+        read_launch({"run-dir": str(tmp_path)})  # plain `flwr run .` with no prepared run folder
+    assert "fedsubtype-server" in err.value.line() and "\n" not in err.value.line()
+    cfg = FederationConfig(run_dir=tmp_path, rounds=7, strategy="fedadam", seed=3)
+    write_launch(tmp_path, cfg, resume=True)
+    got, resume = read_launch({"run-dir": str(tmp_path), "num-server-rounds": 2})
+    assert resume and (got.rounds, got.strategy, got.seed) == (7, "fedadam", 3)
+
+
+def test_plain_flwr_run_config_names_only_the_run_folder():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    assert list(config) == ["run-dir"]
+
 def test_sparse_evaluation_always_scores_the_last_round():
     from fedsubtype.federation.config import FederationConfig
-    from server.server_app import evaluates_after
+    from fedsubtype.federation.rounds import evaluates_after
 
     every = FederationConfig(rounds=5)
     assert [r for r in range(1, 6) if evaluates_after(r, every)] == [1, 2, 3, 4, 5]
@@ -300,7 +321,7 @@ class _SlowGrid:
 
 
 def test_exchange_polls_until_every_reply_or_the_timeout():
-    from server.server_app import exchange
+    from fedsubtype.federation.phase import exchange
 
     grid = _SlowGrid(delay_pulls=3)
     replies = exchange(grid, ["a", "b"], timeout=10, poll_s=0.01)
@@ -338,7 +359,7 @@ def test_replies_are_aggregated_in_a_fixed_order_whatever_their_arrival(tmp_path
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedsubtype.federation.config import FederationConfig
-    from server.server_app import _phase
+    from fedsubtype.federation.phase import run_phase
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
@@ -350,7 +371,7 @@ def test_replies_are_aggregated_in_a_fixed_order_whatever_their_arrival(tmp_path
     def run(order):
         msgs = [Message(RecordDict({"arrays": ArrayRecord([np.zeros(4096, np.float32)]), "config": ConfigRecord({})}),
                         dst_node_id=n, message_type="train") for n in sites]
-        record, ok = _phase(_ArrivalOrderGrid(order, sites, weights), cfg, msgs, 1, "train")
+        record, ok = run_phase(_ArrivalOrderGrid(order, sites, weights), cfg, msgs, 1, "train")
         arrays, _ = FedAvg().aggregate_train(1, ok)
         return record, ok, arrays.to_numpy_ndarrays()[0]
 
@@ -368,6 +389,74 @@ def test_replies_are_aggregated_in_a_fixed_order_whatever_their_arrival(tmp_path
     assert not np.array_equal(FedAvg().aggregate_train(1, unsorted)[0].to_numpy_ndarrays()[0], agg)
 
 
+
+class _SiteStandInGrid:
+    """Three sites answering in-process: each returns a fixed function of the weights and the round."""
+
+    SITES = {11: "site-b", 12: "site-a", 13: "site-c"}
+
+    def __init__(self):
+        self.pushed, self.count = {}, 0
+
+    def get_node_ids(self):
+        return list(self.SITES)
+
+    def push_messages(self, messages):
+        for m in messages:
+            self.count += 1
+            m.metadata.__dict__["_message_id"] = f"msg-{self.count}"  # the SuperLink's job
+            self.pushed[m.metadata.message_id] = m
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+        replies = []
+        for i in ids:
+            m = self.pushed.pop(i)
+            node, rnd = int(m.metadata.dst_node_id), int(m.content["config"]["server-round"])
+            site = ConfigRecord({"name": self.SITES[node]})
+            if m.metadata.message_type.startswith("train"):
+                new = (m.content["arrays"].to_numpy_ndarrays()[0] * 0.9 + 0.01 * node * rnd).astype(np.float32)
+                metrics = MetricRecord({"num-examples": 3 + node, "train-loss": 1.0 / node + rnd})
+                replies.append(Message(RecordDict({"arrays": ArrayRecord([new]), "metrics": metrics, "site": site}),
+                                       reply_to=m))
+            else:
+                metrics = MetricRecord({"num-examples": node, "mean-auc": node / 20 + rnd / 100})
+                replies.append(Message(RecordDict({"metrics": metrics, "site": site}), reply_to=m))
+        return replies
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedprox"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, strategy):
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsubtype.federation.config import FederationConfig
+    from fedsubtype.federation.rounds import run_rounds
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+    def config(run_dir):
+        cfg = FederationConfig(run_dir=run_dir, rounds=3, strategy=strategy, min_sites=2, seed=7, evaluate_every=2)
+        cfg.model.width, cfg.model.groups, cfg.model.feature_dim, cfg.model.hidden_dim = 8, 4, 16, 16
+        return cfg
+
+    run_rounds(_SiteStandInGrid(), config(tmp_path / "whole"), resume=False)
+    stopped = tmp_path / "stopped"
+    run_rounds(_SiteStandInGrid(), config(stopped), resume=False)
+    (stopped / "checkpoints" / "round_003.pt").unlink()  # as if the coordinator died during round 3
+    (stopped / "checkpoints" / "latest.json").write_text(json.dumps({"round": 2, "file": "round_002.pt"}))
+    run_rounds(_SiteStandInGrid(), config(stopped), resume=True)
+
+    whole, resumed = (torch.load(d / "checkpoints" / "round_003.pt", weights_only=True)
+                      for d in (tmp_path / "whole", stopped))
+    assert all(torch.equal(a, b) for a, b in zip(whole["weights"], resumed["weights"]))  # bit for bit
+    assert [(r["round"], r["phase"]) for r in json.loads((stopped / "rounds.json").read_text(encoding="utf-8"))] == [
+        (1, "train"), (2, "train"), (2, "evaluate"), (3, "train"), (3, "evaluate")]
+    assert (stopped / "model.pt").is_file()
+
 def test_weights_travel_as_one_packed_array():
     from fedsubtype.federation.transport import layout_of, pack, unpack
 
@@ -380,5 +469,10 @@ def test_weights_travel_as_one_packed_array():
     assert unpack(arrays, None) == arrays  # no layout: per-tensor arrays pass through
     with pytest.raises(ValueError, match="expected one packed array of 123 values"):
         unpack([np.zeros(122, np.float32)], json.dumps([[123]]))
-    with pytest.raises(ValueError, match="only float32"):
-        pack([np.zeros(3, np.float64)])
+    with pytest.raises(ValueError, match="one float dtype"):
+        pack([np.zeros(3, np.float32), np.zeros(2, np.float64)])
+    with pytest.raises(ValueError, match="one float dtype"):
+        pack([np.zeros(3, np.int64)])
+    # FedAdam/FedYogi keep the global model in float64; its checkpoint must pack again on resume
+    doubles = [a.astype(np.float64) for a in arrays]
+    assert all(np.array_equal(a, b) for a, b in zip(doubles, unpack(pack(doubles), layout_of(doubles))))

@@ -26,10 +26,11 @@ def layout_of(arrays: Sequence[np.ndarray]) -> str:
 
 
 def pack(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """[one flat float32 array] holding every tensor in order."""
-    odd = {str(a.dtype) for a in arrays if a.dtype != np.float32}
-    if odd:
-        raise ValueError(f"only float32 weights can be packed, got {', '.join(sorted(odd))}")
+    """[one flat array] holding every tensor in order: float32, or float64 for a FedAdam/FedYogi global model."""
+    dtypes = {str(a.dtype) for a in arrays}
+    if len(dtypes) > 1 or not dtypes <= {"float32", "float64"}:
+        got = ", ".join(sorted(dtypes))
+        raise ValueError(f"only weights of one float dtype (float32 or float64) can be packed, got {got}")
     return [np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0, np.float32)]
 
 
