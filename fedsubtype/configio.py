@@ -40,22 +40,14 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the type hint `tp` and convert it where the hint asks (tuple, float, Path, dataclass);
+    a mismatch is a ConfigError at `where`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if errors else ConfigError(f"invalid value {value!r}", where=where)
+        return _coerce_union(value, args, where)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{value!r} is not allowed", f"use one of {', '.join(map(repr, args))}", where=where)
@@ -67,20 +59,45 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"expected a mapping, got {value!r}", where=where)
         return from_dict(tp, value, where)
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"expected a list, got {value!r}", where=where)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"expected {len(args)} values, got {len(value)}", where=where)
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        seq = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(seq) if origin is tuple else seq
+        return _coerce_sequence(value, origin, args, where)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", where=where)
         kt, vt = args if args else (Any, Any)
         return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], where: str) -> Any:
+    """The value as the first member of the union that accepts it; else the first member's error."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as exc:
+            errors.append(exc)
+    raise errors[0] if errors else ConfigError(f"invalid value {value!r}", where=where)
+
+
+def _coerce_sequence(value: Any, origin: type, args: tuple[Any, ...], where: str) -> list[Any] | tuple[Any, ...]:
+    """A list, a variable-length tuple (`tuple[T, ...]`) or a fixed-length tuple, element by element."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"expected a list, got {value!r}", where=where)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"expected {len(args)} values, got {len(value)}", where=where)
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    inner = args[0] if args else Any
+    seq = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(seq) if origin is tuple else seq
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    """bool, int, float, str and Path, strictly (a bool is not a number); any other type passes unchanged."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"expected true or false, got {value!r}", where=where)
@@ -141,13 +158,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so readers see the old or the new content, never half of it."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write a file so readers see the old or the new content, never half of it. `mode` (e.g. 0o600 for a secret)
+    is set before the first byte is written; by default the file follows the user's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should follow the user's umask
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -23,10 +23,6 @@ from fedsubtype.data.regions import body_mask, compute_regions, region_volumes_m
 PREPROCESS_VERSION = 1
 """Bump when the output of :func:`preprocess_case` changes for the same input and config (invalidates caches)."""
 
-LEGACY_DEFAULTS: dict[str, Any] = {"keep_tumour_range": False}
-"""Keys added after configs were stored (in model files, benchmark folders), with the value the code before
-them used: a stored config without the key means this, not today's default."""
-
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -176,11 +172,6 @@ def body_intensity_stats(image: sitk.Image, body: sitk.Image, clip_percentiles: 
 
 def preprocess_images(image: sitk.Image, mask: sitk.Image, cfg: PreprocessConfig) -> PreprocessedCase:
     """Preprocess an image and its tumour mask (already on the image grid); see the module docstring."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import (BorderPadd, Compose, NormalizeIntensityd, Orientationd, Resized,
-                                  ScaleIntensityRanged, Spacingd, SpatialCropd)
-
     image = sitk.Cast(image, sitk.sitkFloat32)
     body = body_mask(image, air_fraction=cfg.air_fraction)
     regions = compute_regions(image, mask, rim_mm=cfg.rim_mm, peri_mm=cfg.peri_mm, body=body)
@@ -190,36 +181,8 @@ def preprocess_images(image: sitk.Image, mask: sitk.Image, cfg: PreprocessConfig
     fov = max(float(extent.max()) + 2.0 * (cfg.peri_mm + cfg.margin_mm), cfg.min_fov_mm)
     n = max(2, int(math.ceil(fov / cfg.spacing_mm - 1e-6)))
     start, size = _crop_box(image, centre, 0.5 * n * cfg.spacing_mm + cfg.spacing_mm)
-
-    def crop(img: sitk.Image) -> np.ndarray:  # sitk arrays are (z, y, x); MONAI wants (x, y, z)
-        arr = sitk.GetArrayViewFromImage(img)
-        return np.ascontiguousarray(arr[start[2]:start[2] + size[2], start[1]:start[1] + size[1],
-                                        start[0]:start[0] + size[0]].transpose(2, 1, 0))
-
-    affine = torch.as_tensor(_ras_affine(image, start))
-    data = {"image": MetaTensor(torch.from_numpy(crop(image))[None], affine=affine),
-            "regions": MetaTensor(torch.from_numpy(crop(regions).astype(np.float32))[None], affine=affine)}
-    keys = ["image", "regions"]
-    data = Compose([Orientationd(keys=keys, axcodes="RAS", labels=None),
-                    Spacingd(keys=keys, pixdim=cfg.spacing_mm, mode=("bilinear", "nearest"), padding_mode="border")])(data)
-
-    # exact cube of n voxels around the tumour centre on the resampled grid; pad where the image ends
-    grid_affine = data["image"].affine.numpy()
-    centre_ras = (_LPS_TO_RAS @ np.append(centre, 1.0))[:3]
-    centre_idx = np.linalg.solve(grid_affine[:3, :3], centre_ras - grid_affine[:3, 3])
-    lo = np.floor(centre_idx - (n - 1) / 2.0 + 0.5).astype(int)
-    hi = lo + n
-    shape = np.array(data["image"].shape[1:])
-    border = [int(v) for a in range(3) for v in (max(0, -lo[a]), max(0, hi[a] - shape[a]))]
-    data = Compose([
-        SpatialCropd(keys=keys, roi_start=np.maximum(lo, 0).tolist(), roi_end=np.minimum(hi, shape).tolist()),
-        BorderPadd(keys="image", spatial_border=border, mode="constant", value=stats["clip_low"]),
-        BorderPadd(keys="regions", spatial_border=border, mode="constant", value=0),
-        ScaleIntensityRanged(keys="image", a_min=stats["clip_low"], a_max=stats["clip_high"],
-                             b_min=stats["clip_low"], b_max=stats["clip_high"], clip=True),
-        NormalizeIntensityd(keys="image", subtrahend=stats["mean"], divisor=stats["std"]),
-        Resized(keys=keys, spatial_size=(cfg.size,) * 3, mode=("trilinear", "nearest")),
-    ])(data)
+    data = _resampled_crop(image, regions, start, size, cfg.spacing_mm)
+    data = _tumour_cube(data, centre, n, stats, cfg.size)
 
     out_image = data["image"].as_tensor()[0].numpy().astype(np.float32)
     out_regions = np.rint(data["regions"].as_tensor()[0].numpy()).astype(np.uint8)
@@ -235,6 +198,52 @@ def preprocess_images(image: sitk.Image, mask: sitk.Image, cfg: PreprocessConfig
         "region_volumes_ml": region_volumes_ml(regions),
     }
     return PreprocessedCase(out_image, out_regions, meta)
+
+
+def _resampled_crop(image: sitk.Image, regions: sitk.Image, start: list[int], size: list[int],
+                    spacing_mm: float) -> dict[str, Any]:
+    """The crop box of image and regions as MONAI MetaTensors, reoriented to RAS and resampled to `spacing_mm`."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    def crop(img: sitk.Image) -> np.ndarray:  # sitk arrays are (z, y, x); MONAI wants (x, y, z)
+        arr = sitk.GetArrayViewFromImage(img)
+        return np.ascontiguousarray(arr[start[2]:start[2] + size[2], start[1]:start[1] + size[1],
+                                        start[0]:start[0] + size[0]].transpose(2, 1, 0))
+
+    affine = torch.as_tensor(_ras_affine(image, start))
+    data = {"image": MetaTensor(torch.from_numpy(crop(image))[None], affine=affine),
+            "regions": MetaTensor(torch.from_numpy(crop(regions).astype(np.float32))[None], affine=affine)}
+    keys = ["image", "regions"]
+    return Compose([Orientationd(keys=keys, axcodes="RAS", labels=None),
+                    Spacingd(keys=keys, pixdim=spacing_mm, mode=("bilinear", "nearest"), padding_mode="border")])(data)
+
+
+def _tumour_cube(data: dict[str, Any], centre: np.ndarray, n: int, stats: dict[str, float],
+                 size: int) -> dict[str, Any]:
+    """Exact cube of `n` voxels around the tumour centre on the resampled grid (padded where the image ends),
+    intensity clipped and z-scored with the body `stats`, resized to `size`³."""
+    from monai.transforms import (BorderPadd, Compose, NormalizeIntensityd, Resized, ScaleIntensityRanged,
+                                  SpatialCropd)
+
+    keys = ["image", "regions"]
+    grid_affine = data["image"].affine.numpy()
+    centre_ras = (_LPS_TO_RAS @ np.append(centre, 1.0))[:3]
+    centre_idx = np.linalg.solve(grid_affine[:3, :3], centre_ras - grid_affine[:3, 3])
+    lo = np.floor(centre_idx - (n - 1) / 2.0 + 0.5).astype(int)
+    hi = lo + n
+    shape = np.array(data["image"].shape[1:])
+    border = [int(v) for a in range(3) for v in (max(0, -lo[a]), max(0, hi[a] - shape[a]))]
+    return Compose([
+        SpatialCropd(keys=keys, roi_start=np.maximum(lo, 0).tolist(), roi_end=np.minimum(hi, shape).tolist()),
+        BorderPadd(keys="image", spatial_border=border, mode="constant", value=stats["clip_low"]),
+        BorderPadd(keys="regions", spatial_border=border, mode="constant", value=0),
+        ScaleIntensityRanged(keys="image", a_min=stats["clip_low"], a_max=stats["clip_high"],
+                             b_min=stats["clip_low"], b_max=stats["clip_high"], clip=True),
+        NormalizeIntensityd(keys="image", subtrahend=stats["mean"], divisor=stats["std"]),
+        Resized(keys=keys, spatial_size=(size,) * 3, mode=("trilinear", "nearest")),
+    ])(data)
 
 
 def preprocess_case(case: Case, cfg: PreprocessConfig) -> PreprocessedCase:

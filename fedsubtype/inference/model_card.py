@@ -63,20 +63,63 @@ def _privacy_lines(privacy: Any) -> list[str]:
     return [str(privacy)]
 
 
+_HEADER = [
+    "> **Research use only. Not for clinical decisions.** A model trained on the phantom cohort is an "
+    "engineering artefact, not a clinical model: its figures are evidence that the software works, never "
+    "clinical claims.",
+    "",
+]
+
+_USE_AND_LIMITS = [
+    "## Intended use",
+    "- Research on imaging biomarkers of breast cancer (ER, PR, HER2, Ki-67, surrogate molecular subtype) and on "
+    "federated learning across institutions.",
+    "- Not intended for diagnosis, treatment selection or any clinical decision. Immunohistochemistry and "
+    "in-situ hybridisation on tissue remain the reference standard.",
+    "",
+    "## Known limits",
+    "- A model trained on the phantom cohort has learned the phantom's generative rules, not human biology.",
+    "- Performance on a new institution, scanner, field strength or contrast protocol is unknown until measured "
+    "there (see leave-one-site-out results); recalibrate thresholds on local validation data.",
+    "- Input is a single post-contrast phase and a given tumour mask: segmentation errors change the core, rim "
+    "and peritumoral regions and therefore the prediction.",
+    "- Ki-67 is missing from most public cohorts, so its head may have seen few labels (see counts above).",
+    "- Surrogate subtypes follow the St Gallen rules with the stored cut-offs; they are not PAM50 subtypes.",
+    "",
+]
+
+
 def render_model_card(bundle: ModelBundle) -> str:
     """The card as Markdown. Only aggregate information stored in the model file is used."""
     md = bundle.metadata
     mc = to_dict(bundle.model_config)
-    pc = to_dict(bundle.preprocess_config)
-    metrics = md.get("metrics") or {}
     lines = [
         f"# Model card — fedsubtype {mc.get('variant', 'full')} model",
         "",
-        "> **Research use only. Not for clinical decisions.** A model trained on the phantom cohort is an "
-        "engineering artefact, not a clinical model: its figures are evidence that the software works, never "
-        "clinical claims.",
-        "",
+        *_HEADER,
         "## Model",
+        *_model_lines(bundle, mc, to_dict(bundle.preprocess_config)),
+        "",
+        "## Training data",
+        *_cohort_lines("Training", md.get("training_cohort")),
+        *_cohort_lines("Validation", md.get("validation_cohort")),
+        *_cohort_lines("Test", md.get("test_cohort")),
+        "",
+        "## Metrics",
+        *_all_metrics_lines(md.get("metrics") or {}),
+        "",
+        "## Privacy",
+        *_privacy_lines(md.get("privacy")),
+        "",
+        *_USE_AND_LIMITS,
+    ]
+    return "\n".join(lines)
+
+
+def _model_lines(bundle: ModelBundle, mc: dict[str, Any], pc: dict[str, Any]) -> list[str]:
+    """The "Model" section: file, training run, architecture, input and decision thresholds."""
+    md = bundle.metadata
+    return [
         f"- File: `{bundle.path.name if bundle.path else 'model.pt'}`, format v{bundle.format_version}, written by "
         f"fedsubtype {bundle.fedsubtype_version or 'n/a'} on {bundle.created or 'n/a'}",
         f"- Training: {md.get('source', 'n/a')}; best epoch/round {md.get('best_epoch', md.get('rounds', 'n/a'))}; "
@@ -86,18 +129,23 @@ def render_model_card(bundle: ModelBundle) -> str:
         "weighting, heads for ER, PR, HER2 (probabilities) and Ki-67 (percent)",
         f"- Input: one post-contrast DCE-MRI phase + tumour mask; resampled to {pc.get('spacing_mm')} mm, "
         f"{pc.get('size')}³ crop around the tumour; rim {pc.get('rim_mm')} mm, peritumoral shell {pc.get('peri_mm')} mm",
-        "- Decision thresholds: " + ", ".join(
-            f"{t.upper()} {_num((v or {}).get('value') if isinstance(v, dict) else v, '.2f')}"
-            f" ({(v or {}).get('source', (v or {}).get('method', 'stored')) if isinstance(v, dict) else 'stored'})"
-            for t, v in (md.get("thresholds") or {}).items()) if md.get("thresholds") else "- Decision thresholds: 0.5 (fixed)",
-        "",
-        "## Training data",
-        *_cohort_lines("Training", md.get("training_cohort")),
-        *_cohort_lines("Validation", md.get("validation_cohort")),
-        *_cohort_lines("Test", md.get("test_cohort")),
-        "",
-        "## Metrics",
+        _thresholds_line(md.get("thresholds")),
     ]
+
+
+def _thresholds_line(thresholds: dict[str, Any] | None) -> str:
+    """Stored decision thresholds with where each came from, or the fixed 0.5 when none were stored."""
+    if not thresholds:
+        return "- Decision thresholds: 0.5 (fixed)"
+    return "- Decision thresholds: " + ", ".join(
+        f"{t.upper()} {_num((v or {}).get('value') if isinstance(v, dict) else v, '.2f')}"
+        f" ({(v or {}).get('source', (v or {}).get('method', 'stored')) if isinstance(v, dict) else 'stored'})"
+        for t, v in thresholds.items())
+
+
+def _all_metrics_lines(metrics: dict[str, Any]) -> list[str]:
+    """One metrics table per evaluated split, or a line saying that none was recorded."""
+    lines: list[str] = []
     shown = False
     for name, m in metrics.items():
         if isinstance(m, dict):
@@ -105,25 +153,4 @@ def render_model_card(bundle: ModelBundle) -> str:
             shown = True
     if not shown:
         lines.append("No metrics recorded in the model file.")
-    lines += [
-        "",
-        "## Privacy",
-        *_privacy_lines(md.get("privacy")),
-        "",
-        "## Intended use",
-        "- Research on imaging biomarkers of breast cancer (ER, PR, HER2, Ki-67, surrogate molecular subtype) and on "
-        "federated learning across institutions.",
-        "- Not intended for diagnosis, treatment selection or any clinical decision. Immunohistochemistry and "
-        "in-situ hybridisation on tissue remain the reference standard.",
-        "",
-        "## Known limits",
-        "- A model trained on the phantom cohort has learned the phantom's generative rules, not human biology.",
-        "- Performance on a new institution, scanner, field strength or contrast protocol is unknown until measured "
-        "there (see leave-one-site-out results); recalibrate thresholds on local validation data.",
-        "- Input is a single post-contrast phase and a given tumour mask: segmentation errors change the core, rim "
-        "and peritumoral regions and therefore the prediction.",
-        "- Ki-67 is missing from most public cohorts, so its head may have seen few labels (see counts above).",
-        "- Surrogate subtypes follow the St Gallen rules with the stored cut-offs; they are not PAM50 subtypes.",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines

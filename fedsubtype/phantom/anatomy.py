@@ -7,6 +7,7 @@ Signal units: an enhancing tumour is about 1.0 in a fat-suppressed image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from fedsubtype.phantom.scanner import Grid
@@ -56,69 +57,119 @@ class Breast:
         return (1.0 - f) / grad
 
 
+class _Shape(NamedTuple):
+    """Breast ellipsoid (centre xc, chest_y0, zc; semi-axes a, b, c) and chest-wall bend drawn for one case, in mm."""
+
+    xc: float
+    zc: float
+    chest_y0: float
+    curve: float
+    a: float
+    b: float
+    c: float
+
+
+class _Layout(NamedTuple):
+    """Where the breast, body and chest wall lie on the grid."""
+
+    chest: np.ndarray  # chest-wall depth (mm) per (x, z), shape (X, 1, Z)
+    dx: np.ndarray  # x offset from the centre in semi-axes
+    dz: np.ndarray  # z offset from the centre in semi-axes
+    skin_depth: np.ndarray  # mm from the skin surface, approximately
+    body: np.ndarray  # bool, not air
+    breast: np.ndarray  # bool, in front of the chest wall
+
+
+class _Noise(NamedTuple):
+    """Smooth noise fields shared by the gland, its enhancement, the muscle and the ribs."""
+
+    coarse: np.ndarray
+    medium: np.ndarray
+    fine: np.ndarray
+
+
 def render_breast(rng: np.random.Generator, grid: Grid, fat_suppression: bool, density: float, bpe: float) -> Breast:
     """Draw a breast: shape, gland distribution at `density` (fraction of breast volume), `bpe` enhancement."""
     x, y, z = grid.coords()
-    ext = [float(e) for e in grid.extent]
+    shape = _draw_shape(rng, [float(e) for e in grid.extent])
+    lay = _layout(x, y, z, shape)
+    fs = fat_suppression
+    img = np.zeros(grid.shape, dtype=np.float32)
+    img[lay.body] = signal("fat", fs)
+
+    noise = _Noise(smooth_noise(rng, grid.shape, grid.spacing, 9.0),
+                   smooth_noise(rng, grid.shape, grid.spacing, (2.5, 4.5, 2.5)),  # ducts/ligaments run to the nipple
+                   smooth_noise(rng, grid.shape, grid.spacing, 1.2))
+    gland = _gland(grid, lay, y, noise, density)
+    bpe_map = float(bpe) * np.clip(1.0 + 0.6 * noise.coarse, 0.0, None)
+    fgt_signal = signal("fgt", fs) * (1.0 + 0.08 * noise.medium + 0.08 * noise.fine) + BPE_GAIN * bpe_map
+    img += gland * (fgt_signal - img)
+    img = _thorax(rng, img, y, z, lay.chest, noise, fs)
+
+    # Skin: a 1.5 mm shell of the breast.
+    skin = lay.breast & (lay.skin_depth < float(rng.uniform(1.2, 2.0)))
+    img[skin] = signal("skin", fs)
+
+    centre = np.array([shape.xc, shape.chest_y0, shape.zc])
+    vessels = _vessels(rng, grid, lay.breast, centre, shape.chest_y0)
+    img += vessels * (signal("vessel", fs) - img)
+    semi = np.array([shape.a, shape.b, shape.c])
+    return Breast(img.astype(np.float32, copy=False), lay.body, gland, centre, semi,
+                  float(shape.chest_y0), float(shape.curve))
+
+
+def _draw_shape(rng: np.random.Generator, ext: list[float]) -> _Shape:
+    """Draw the breast ellipsoid and chest wall within a field of view of extent `ext` (mm)."""
     xc = ext[0] * float(rng.uniform(0.42, 0.58))
     zc = ext[2] * float(rng.uniform(0.45, 0.55))
     chest_y0 = ext[1] * float(rng.uniform(0.70, 0.78))
     curve = float(rng.uniform(6.0, 14.0)) / (0.5 * ext[0]) ** 2
     nipple_y = ext[1] * float(rng.uniform(0.05, 0.12))
     a, b, c = ext[0] * float(rng.uniform(0.62, 0.80)), chest_y0 - nipple_y, ext[2] * float(rng.uniform(0.55, 0.75))
-    semi = np.array([a, b, c])
-    centre = np.array([xc, chest_y0, zc])
+    return _Shape(xc, zc, chest_y0, curve, a, b, c)
 
+
+def _layout(x: np.ndarray, y: np.ndarray, z: np.ndarray, s: _Shape) -> _Layout:
+    """Skin depth, body and breast masks on the grid with coordinates (x, y, z)."""
     # python floats keep every volume float32 (NumPy scalars would promote to float64)
-    chest = chest_y0 + curve * ((x - xc) ** 2 + 0.5 * (z - zc) ** 2)  # (X, 1, Z)
-    dx, dz = (x - xc) / a, (z - zc) / c
-    dy = np.minimum((y - chest_y0) / b, 0.0)
+    chest = s.chest_y0 + s.curve * ((x - s.xc) ** 2 + 0.5 * (z - s.zc) ** 2)  # (X, 1, Z)
+    dx, dz = (x - s.xc) / s.a, (z - s.zc) / s.c
+    dy = np.minimum((y - s.chest_y0) / s.b, 0.0)
     q2 = (dx * dx + dz * dz) + dy * dy  # (X, Y, Z)
-    grad = 2.0 * np.sqrt((dx * dx / (a * a) + dz * dz / (c * c)) + dy * dy / (b * b)) + 1e-6
-    skin_depth = (1.0 - q2) / grad  # mm from the skin surface, approximately
+    grad = 2.0 * np.sqrt((dx * dx / (s.a * s.a) + dz * dz / (s.c * s.c)) + dy * dy / (s.b * s.b)) + 1e-6
+    skin_depth = (1.0 - q2) / grad
     behind = y >= chest - 1.0
     body = (skin_depth > 0) | behind
-    breast = body & ~behind
+    return _Layout(chest, dx, dz, skin_depth, body, body & ~behind)
 
-    fs = fat_suppression
-    img = np.zeros(grid.shape, dtype=np.float32)
-    img[body] = signal("fat", fs)
 
-    # Fibroglandular tissue: central, behind the nipple, away from skin and the retromammary fat.
-    coarse = smooth_noise(rng, grid.shape, grid.spacing, 9.0)
-    medium = smooth_noise(rng, grid.shape, grid.spacing, (2.5, 4.5, 2.5))  # ducts/ligaments run to the nipple
-    fine = smooth_noise(rng, grid.shape, grid.spacing, 1.2)
-    radial = np.sqrt(dx * dx + dz * dz)
-    prior = (1.2 * np.exp(-2.0 * radial ** 2) + 0.75 * coarse + 0.45 * medium + 0.3 * fine
-             - 1.5 * np.exp(-np.clip(chest - y, 0, None) / 5.0) - 1.2 * np.exp(-np.clip(skin_depth, 0, None) / 4.0))
-    inside = prior[breast]
+def _gland(grid: Grid, lay: _Layout, y: np.ndarray, noise: _Noise, density: float) -> np.ndarray:
+    """Fibroglandular fraction: central, behind the nipple, away from skin and the retromammary fat."""
+    radial = np.sqrt(lay.dx * lay.dx + lay.dz * lay.dz)
+    prior = (1.2 * np.exp(-2.0 * radial ** 2) + 0.75 * noise.coarse + 0.45 * noise.medium + 0.3 * noise.fine
+             - 1.5 * np.exp(-np.clip(lay.chest - y, 0, None) / 5.0)
+             - 1.2 * np.exp(-np.clip(lay.skin_depth, 0, None) / 4.0))
+    inside = prior[lay.breast]
     level = float(np.quantile(inside, 1.0 - float(np.clip(density, 0.03, 0.9)))) if inside.size else 0.0
     gland = np.zeros(grid.shape, dtype=np.float32)
-    gland[breast] = 1.0 / (1.0 + np.exp(-(inside - level) / 0.12))
-    bpe_map = float(bpe) * np.clip(1.0 + 0.6 * coarse, 0.0, None)
-    fgt_signal = signal("fgt", fs) * (1.0 + 0.08 * medium + 0.08 * fine) + BPE_GAIN * bpe_map
-    img += gland * (fgt_signal - img)
+    gland[lay.breast] = 1.0 / (1.0 + np.exp(-(inside - level) / 0.12))
+    return gland
 
-    # Thorax: pectoral muscle, then ribs/intercostal tissue, then lung.
+
+def _thorax(rng: np.random.Generator, img: np.ndarray, y: np.ndarray, z: np.ndarray, chest: np.ndarray,
+            noise: _Noise, fs: bool) -> np.ndarray:
+    """Paint the thorax behind the chest wall: pectoral muscle, then ribs/intercostal tissue, then lung."""
     muscle_t = float(rng.uniform(6.0, 12.0))
     wall_t = float(rng.uniform(8.0, 14.0))
     behind_depth = y - chest
     muscle = (behind_depth >= -1.0) & (behind_depth < muscle_t)
     wall = (behind_depth >= muscle_t) & (behind_depth < muscle_t + wall_t)
     lung = behind_depth >= muscle_t + wall_t
-    muscle_sig = signal("muscle", fs) * (1.0 + 0.05 * medium)
+    muscle_sig = signal("muscle", fs) * (1.0 + 0.05 * noise.medium)
     img = np.where(muscle, muscle_sig, img)
-    ribs = 0.5 + 0.5 * np.sin((2 * np.pi / float(rng.uniform(18.0, 26.0))) * (z + 3.0 * coarse))
+    ribs = 0.5 + 0.5 * np.sin((2 * np.pi / float(rng.uniform(18.0, 26.0))) * (z + 3.0 * noise.coarse))
     img = np.where(wall, signal("chest", fs) * (0.6 + 0.6 * ribs), img)
-    img = np.where(lung, signal("lung", fs), img)
-
-    # Skin: a 1.5 mm shell of the breast.
-    skin = breast & (skin_depth < float(rng.uniform(1.2, 2.0)))
-    img[skin] = signal("skin", fs)
-
-    vessels = _vessels(rng, grid, breast, centre, chest_y0)
-    img += vessels * (signal("vessel", fs) - img)
-    return Breast(img.astype(np.float32, copy=False), body, gland, centre, semi, float(chest_y0), float(curve))
+    return np.where(lung, signal("lung", fs), img)
 
 
 def _vessels(rng: np.random.Generator, grid: Grid, breast: np.ndarray, centre: np.ndarray, chest_y0: float) -> np.ndarray:

@@ -168,67 +168,13 @@ def import_mama_mia(root: str | os.PathLike, out_manifest: str | os.PathLike, *,
     """Write a manifest for every MAMA-MIA case that has the phase image, an expert segmentation and a
     clinical row; every case left out is reported with the reason (one line each)."""
     root = Path(root)
-    if not (root / "images").is_dir():
-        raise UserError("no 'images' folder", "point ROOT at the MAMA-MIA folder (with images/ and segmentations/)",
-                        where=str(root))
-    if not 0 <= int(phase) <= 9999:
-        raise UserError(f"--phase {phase} is out of range", "use 0 (pre-contrast), 1 (first post-contrast), 2, …")
-    if site_column not in SITE_COLUMNS:
-        raise UserError(f"--site-column {site_column!r} is not supported", f"use one of {', '.join(SITE_COLUMNS)}")
-    clinical_path = Path(clinical) if clinical else _find_clinical(root)
-    rows, note = read_clinical(clinical_path)
-    notes = [note] if note else []
-    columns = set().union(*(r.keys() for r in rows)) if rows else set()
-    if site_column not in columns:
-        raise UserError(f"clinical table has no '{site_column}' column",
-                        f"choose --site-column among the columns present: {', '.join(c for c in SITE_COLUMNS if c in columns) or 'none'}",
-                        where=str(clinical_path))
-    for task in CLASSIFICATION_TASKS:
-        if task not in columns:
-            notes.append(f"clinical table has no '{task}' column; {task} is missing for every case")
-
+    _check_arguments(root, phase, site_column)
+    rows, columns, notes = _clinical_rows(root, clinical, site_column)
     image_dirs = {p.name.lower(): p for p in (root / "images").iterdir() if p.is_dir()}
-    seg_dir = root / "segmentations" / "expert"
-    suffix = f"_{int(phase):04d}.nii.gz"
     out_path = Path(out_manifest)
     left_out: list[str] = []
-    cases: dict[str, Case] = {}
-    for row in rows:
-        pid = _cell_text(row.get("patient_id"))
-        if not pid:
-            continue
-        if pid in cases:
-            left_out.append(f"{pid}: duplicate row in the clinical table — kept the first")
-            continue
-        folder = image_dirs.get(pid.lower())
-        if folder is None:
-            left_out.append(f"{pid}: no image folder images/{pid}/ — left out")
-            continue
-        image = folder / f"{folder.name}{suffix}"
-        if not image.is_file():
-            phases = sorted(p.name[len(folder.name) + 1:-7] for p in folder.glob(f"{folder.name}_*.nii.gz"))
-            have = f" (phases present: {', '.join(phases)})" if phases else ""
-            left_out.append(f"{pid}: image {image.relative_to(root)} not found{have} — left out; try another --phase")
-            continue
-        mask = next((m for m in (seg_dir / f"{folder.name}.nii.gz", seg_dir / f"{pid}.nii.gz") if m.is_file()), None)
-        if mask is None:
-            left_out.append(f"{pid}: expert segmentation segmentations/expert/{folder.name}.nii.gz not found — left out")
-            continue
-        labels: dict[str, float | None] = dict.fromkeys(TASKS)
-        for task in CLASSIFICATION_TASKS:
-            value, understood = parse_status(row.get(task))
-            if not understood:
-                notes.append(f"{pid}: {task}={row.get(task)!r} not understood; left missing")
-            labels[task] = value
-        site = _cell_text(row.get(site_column))
-        if not site:
-            site = "unknown"
-            notes.append(f"{pid}: empty '{site_column}'; site set to 'unknown'")
-        extra = {}
-        for col in KEPT_COLUMNS:
-            if col in columns:
-                extra["clinical_site" if col == "site" else col] = _cell_text(row.get(col))
-        cases[pid] = Case(pid, image, mask, site, labels, None, extra)
+    cases = _cases_from_rows(rows, columns, root, image_dirs, f"_{int(phase):04d}.nii.gz", site_column,
+                             left_out, notes)
     listed = {pid.lower() for pid in cases} | {_cell_text(r.get("patient_id")).lower() for r in rows}
     for name in sorted(set(image_dirs) - listed):
         left_out.append(f"{image_dirs[name].name}: not in the clinical table — left out")
@@ -240,3 +186,92 @@ def import_mama_mia(root: str | os.PathLike, out_manifest: str | os.PathLike, *,
     write_manifest(ordered, out_path)
     return ImportSummary(out_path, len(ordered), left_out, notes,
                          dict(sorted(Counter(c.site for c in ordered).items())), _label_counts(ordered))
+
+
+class _LeftOut(Exception):
+    """A clinical row whose case cannot be imported; the message is the report line."""
+
+
+def _check_arguments(root: Path, phase: int, site_column: str) -> None:
+    """The MAMA-MIA folder, --phase and --site-column, checked before anything is read."""
+    if not (root / "images").is_dir():
+        raise UserError("no 'images' folder", "point ROOT at the MAMA-MIA folder (with images/ and segmentations/)",
+                        where=str(root))
+    if not 0 <= int(phase) <= 9999:
+        raise UserError(f"--phase {phase} is out of range", "use 0 (pre-contrast), 1 (first post-contrast), 2, …")
+    if site_column not in SITE_COLUMNS:
+        raise UserError(f"--site-column {site_column!r} is not supported", f"use one of {', '.join(SITE_COLUMNS)}")
+
+
+def _clinical_rows(root: Path, clinical: str | os.PathLike | None,
+                   site_column: str) -> tuple[list[dict[str, Any]], set[str], list[str]]:
+    """Rows and column names of the clinical table, and notes on what it lacks; no site column is a UserError."""
+    clinical_path = Path(clinical) if clinical else _find_clinical(root)
+    rows, note = read_clinical(clinical_path)
+    notes = [note] if note else []
+    columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    if site_column not in columns:
+        raise UserError(f"clinical table has no '{site_column}' column",
+                        f"choose --site-column among the columns present: {', '.join(c for c in SITE_COLUMNS if c in columns) or 'none'}",
+                        where=str(clinical_path))
+    for task in CLASSIFICATION_TASKS:
+        if task not in columns:
+            notes.append(f"clinical table has no '{task}' column; {task} is missing for every case")
+    return rows, columns, notes
+
+
+def _cases_from_rows(rows: list[dict[str, Any]], columns: set[str], root: Path, image_dirs: dict[str, Path],
+                     suffix: str, site_column: str, left_out: list[str], notes: list[str]) -> dict[str, Case]:
+    """A case per clinical row with its files, by patient id; appends a line to `left_out` per row left out."""
+    cases: dict[str, Case] = {}
+    for row in rows:
+        pid = _cell_text(row.get("patient_id"))
+        if not pid:
+            continue
+        if pid in cases:
+            left_out.append(f"{pid}: duplicate row in the clinical table — kept the first")
+            continue
+        try:
+            image, mask = _case_files(root, pid, image_dirs, suffix)
+        except _LeftOut as why:
+            left_out.append(str(why))
+            continue
+        labels = _row_labels(row, pid, notes)
+        site = _cell_text(row.get(site_column))
+        if not site:
+            site = "unknown"
+            notes.append(f"{pid}: empty '{site_column}'; site set to 'unknown'")
+        extra = {}
+        for col in KEPT_COLUMNS:
+            if col in columns:
+                extra["clinical_site" if col == "site" else col] = _cell_text(row.get(col))
+        cases[pid] = Case(pid, image, mask, site, labels, None, extra)
+    return cases
+
+
+def _case_files(root: Path, pid: str, image_dirs: dict[str, Path], suffix: str) -> tuple[Path, Path]:
+    """The phase image and expert segmentation of patient `pid`; _LeftOut says which is missing."""
+    folder = image_dirs.get(pid.lower())
+    if folder is None:
+        raise _LeftOut(f"{pid}: no image folder images/{pid}/ — left out")
+    image = folder / f"{folder.name}{suffix}"
+    if not image.is_file():
+        phases = sorted(p.name[len(folder.name) + 1:-7] for p in folder.glob(f"{folder.name}_*.nii.gz"))
+        have = f" (phases present: {', '.join(phases)})" if phases else ""
+        raise _LeftOut(f"{pid}: image {image.relative_to(root)} not found{have} — left out; try another --phase")
+    seg_dir = root / "segmentations" / "expert"
+    mask = next((m for m in (seg_dir / f"{folder.name}.nii.gz", seg_dir / f"{pid}.nii.gz") if m.is_file()), None)
+    if mask is None:
+        raise _LeftOut(f"{pid}: expert segmentation segmentations/expert/{folder.name}.nii.gz not found — left out")
+    return image, mask
+
+
+def _row_labels(row: dict[str, Any], pid: str, notes: list[str]) -> dict[str, float | None]:
+    """ER/PR/HER2 of one clinical row as 0/1/None (Ki-67 stays None); a value not understood adds a note."""
+    labels: dict[str, float | None] = dict.fromkeys(TASKS)
+    for task in CLASSIFICATION_TASKS:
+        value, understood = parse_status(row.get(task))
+        if not understood:
+            notes.append(f"{pid}: {task}={row.get(task)!r} not understood; left missing")
+        labels[task] = value
+    return labels
