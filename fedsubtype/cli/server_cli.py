@@ -58,6 +58,8 @@ def run_credentials(args: argparse.Namespace) -> int:
           f"(valid for {', '.join(hosts)})")
     for s in sites:
         print(f"  site {s}: give it {paths.ca_cert} and {paths.site_private_keys[s]}; list {paths.site_public_keys[s]}")
+    print("note: this development helper made every site's private key here, which suits a trial on one machine; "
+          "in a real federation each site runs `fedsubtype-client keygen` and sends only its .pub")
     return 0
 
 

@@ -11,9 +11,11 @@ from fedsubtype.configio import from_dict, load_yaml
 from fedsubtype.errors import ConfigError
 from fedsubtype.model import ModelConfig
 from fedsubtype.data.preprocess import PreprocessConfig
+from fedsubtype.federation.reply_checks import ReplyChecksConfig
+from fedsubtype.federation.robust import ROBUST_STRATEGIES, RobustConfig, strategy_constraint
 from fedsubtype.privacy.site_level import SiteLevelDPConfig
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", *ROBUST_STRATEGIES)
 
 
 @dataclass
@@ -43,8 +45,14 @@ class FederationConfig:
     """Run folder: per-round metrics, checkpoints, final model.pt."""
     rounds: int = 3
     """Federated rounds."""
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedprox"
-    """Aggregation: FedAvg, FedProx (sites add the proximal term), FedAdam or FedYogi (server-side optimiser)."""
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+                      "bulyan"] = "fedprox"
+    """Aggregation: FedAvg, FedProx (sites add the proximal term), FedAdam or FedYogi (server-side optimiser), or
+    one of Flower's robust strategies (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan; see `robust`)."""
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    """Parameters of the robust strategies and optional server-side norm clipping (docs/federation.md)."""
+    reply_checks: ReplyChecksConfig = field(default_factory=ReplyChecksConfig)
+    """Bounds every site reply must meet to be aggregated (docs/federation.md, "Checked replies")."""
     proximal_mu: float = 0.01
     """FedProx μ (ignored by the other strategies)."""
     server_lr: float = 0.01
@@ -79,12 +87,14 @@ class FederationConfig:
     site_level_dp: SiteLevelDPConfig = field(default_factory=SiteLevelDPConfig)
     """Site-level DP at the coordinator (Flower's clipping wrappers; see docs/privacy.md). Off by default."""
     host: str = "127.0.0.1"
-    """Interface the SuperLink listens on (0.0.0.0 for other machines)."""
+    """Interface of the public address sites connect to, the fleet front (0.0.0.0 for other machines)."""
     port: int = 9092
-    """SuperLink port (sites connect to host:port)."""
+    """Public port (sites connect to host:port); it forwards only Flower's Fleet API to the SuperLink."""
+    superlink_port: int | None = None
+    """Port of the SuperLink itself, on 127.0.0.1 only (Control, Fleet and Runtime APIs); None: a free port."""
     tls: TLSConfig = field(default_factory=TLSConfig)
     insecure: bool = False
-    """Plain text, no node authentication: only for a trial on one machine."""
+    """Plain text, no node authentication: only for a trial on one machine (refused unless host is loopback)."""
     wait_for_sites_s: float = 600.0
     """How long to wait for min_sites to connect before giving up."""
     app_dir: Path | None = None
@@ -119,15 +129,32 @@ class FederationConfig:
             raise bad("round_timeout_s", "timeouts must be positive", "e.g. 600")
         if not 0 < self.port < 65536:
             raise bad("port", f"must be a TCP port, got {self.port}", "e.g. 9092")
+        if self.superlink_port is not None and not (0 < self.superlink_port < 65536
+                                                    and self.superlink_port != self.port):
+            raise bad("superlink_port", f"must be a TCP port other than port, got {self.superlink_port}",
+                      "e.g. 9093, or remove it to use a free port")
+        self._check_insecure(bad)
+        constraint = strategy_constraint(self.strategy, self.robust, self.min_sites)
+        if constraint:
+            raise bad("strategy", constraint, "raise min_sites, lower robust.num_malicious, or pick another strategy")
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise bad("sites", "a site is listed twice", "list each site once")
         if self.preprocess.size % 8:
             raise bad("preprocess.size", f"must be a multiple of 8, got {self.preprocess.size}", "e.g. 32")
 
+    def _check_insecure(self, bad) -> None:
+        from fedsubtype.federation.loopback_link import is_loopback
+
+        if self.insecure and not is_loopback(self.host):
+            raise bad("insecure", f"plain text is refused on host {self.host}: other machines could read the "
+                      "weights and join without a key", "use tls: (fedsubtype-server credentials), or host: "
+                      "127.0.0.1 for a trial on one machine")
+
     def check_files(self, where: str) -> None:
         """Public keys and TLS files exist (and parse) unless insecure."""
-        from fedsubtype.federation.credentials import check_certificate_file, check_public_key_file
+        from fedsubtype.federation.credentials import (check_certificate_file, check_private_file_mode,
+                                                       check_public_key_file)
 
         if not self.sites:
             raise ConfigError("no sites listed", "add sites: [{name, public_key}]", where=f"{where}: sites")
@@ -144,6 +171,7 @@ class FederationConfig:
                                   where=f"{where}: tls.{key}")
         check_certificate_file(self.tls.certificate, where=f"{where}: tls.certificate")  # type: ignore[arg-type]
         check_certificate_file(self.tls.ca_certificate, where=f"{where}: tls.ca_certificate")  # type: ignore[arg-type]
+        check_private_file_mode(self.tls.private_key, where=f"{where}: tls.private_key")  # type: ignore[arg-type]
 
 
 def load_federation_config(path: str | os.PathLike) -> FederationConfig:

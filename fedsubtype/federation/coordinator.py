@@ -1,5 +1,6 @@
 """The coordinator's side of a federation: prepare the run folder, start the SuperLink (TLS + SuperNode
-authentication), register the sites' keys, wait for enough sites, and submit the run with `flwr run`.
+authentication) on loopback behind the fleet front (loopback_link.py), register the sites' keys, wait for enough
+sites, and submit the run with `flwr run`.
 
 `fedsubtype-server` parses its arguments and calls `prepare_run` then `coordinate`.
 """
@@ -16,10 +17,10 @@ from typing import Callable
 from fedsubtype.configio import atomic_write_text, to_dict
 from fedsubtype.errors import UserError
 from fedsubtype.federation.config import FederationConfig, load_federation_config
+from fedsubtype.federation.loopback_link import CoordinatorLink, LinkTLS
 from fedsubtype.federation.launch import LAUNCH_FILE, RUN_DIR_KEY, read_launch_file, write_launch
 from fedsubtype.federation.phase import NODES_FILE
-from fedsubtype.federation.processes import (child_env, die_with_parent, flower_executable, start, stop, tail,
-                                             wait_for_port)
+from fedsubtype.federation.processes import child_env, die_with_parent, flower_executable, stop
 from fedsubtype.federation.rounds import PROGRESS
 
 CONNECTION = "fedsubtype"
@@ -90,9 +91,8 @@ def prepare_run(federation: Path | None, resume: Path | None, overwrite: bool) -
     return cfg, run_dir
 
 
-def write_flwr_config(home: Path, cfg: FederationConfig) -> None:
-    """The run's own Flower config (FLWR_HOME): one SuperLink connection for the `flwr` calls."""
-    address = f"{cfg.host if cfg.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{cfg.port}"
+def write_flwr_config(home: Path, cfg: FederationConfig, address: str) -> None:
+    """The run's own Flower config (FLWR_HOME): one connection, to the SuperLink on loopback, for the `flwr` calls."""
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
     if cfg.insecure:
         lines.append("insecure = true")
@@ -113,6 +113,13 @@ def _online(rows: object) -> list[int]:
             if isinstance(r, dict) and str(r.get("status", "online")).lower() == "online"]
 
 
+def _link_tls(cfg: FederationConfig) -> LinkTLS | None:
+    """The coordinator's TLS files, or None for an insecure trial (loopback only: FederationConfig.validate)."""
+    if cfg.insecure:
+        return None
+    return LinkTLS(cfg.tls.ca_certificate, cfg.tls.certificate, cfg.tls.private_key)  # type: ignore[arg-type]
+
+
 class Coordinator:
     """The SuperLink process and the `flwr` calls made against it."""
 
@@ -123,46 +130,23 @@ class Coordinator:
         self.logs = run_dir / "logs"
         self.env = {"FLWR_HOME": str(self.home)}
         self.say = say
-        self.superlink: subprocess.Popen | None = None
+        self.link = CoordinatorLink(cfg.host, cfg.port, cfg.superlink_port, _link_tls(cfg), self.home, self.logs,
+                                    self.env, run_dir)
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run `flwr ARGS` against this run's SuperLink connection."""
         return subprocess.run([flower_executable("flwr"), *args], capture_output=True, text=True, encoding="utf-8",
                               timeout=timeout, env=child_env(self.env))
 
-    def _superlink_args(self) -> list[str]:
-        cfg = self.cfg
-        args = [flower_executable("flower-superlink"), "--host", cfg.host, "--port", str(cfg.port),
-                "--disable-runtime-dependency-installation"]
-        if cfg.insecure:
-            return args + ["--insecure"]
-        return args + ["--ssl-ca-certfile", str(cfg.tls.ca_certificate), "--ssl-certfile", str(cfg.tls.certificate),
-                       "--ssl-keyfile", str(cfg.tls.private_key), "--enable-supernode-auth"]
-
     def start_superlink(self) -> None:
-        """Start the SuperLink and wait (up to 60 s) until it listens; UserError naming the cause otherwise."""
+        """Start the SuperLink on loopback, its SuperExec and the fleet front (fedsubtype.federation.loopback_link);
+        UserError naming the cause when one does not come up."""
         cfg = self.cfg
-        write_flwr_config(self.home, cfg)
-        log_path = self.logs / "superlink.log"
-        self.superlink = start(self._superlink_args(), log_path, env=self.env, cwd=self.run_dir)
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.superlink.poll() is not None:
-                text = tail(log_path, 20)
-                hint = "another program may use the port" if "address already in use" in text.lower() else "see the log"
-                raise UserError(f"the SuperLink stopped at start (exit {self.superlink.returncode})",
-                                f"{hint}: {log_path}", where=f"port {cfg.port}")
-            try:
-                wait_for_port(host, cfg.port, retries=0, timeout_s=2, say=lambda m: None)
-                break
-            except UserError:
-                time.sleep(0.5)
-        else:
-            raise UserError("the SuperLink did not start listening within 60 s", f"see {log_path}",
-                            where=f"port {cfg.port}")
-        self.say(f"SuperLink listening on {cfg.host}:{cfg.port} "
-                 f"({'INSECURE, no authentication' if cfg.insecure else 'TLS + SuperNode authentication'})")
+        write_flwr_config(self.home, cfg, self.link.superlink_address)
+        self.link.start()
+        self.say(f"SuperLink listening on {self.link.superlink_address} (this machine only) "
+                 f"({'INSECURE, no authentication' if cfg.insecure else 'TLS + SuperNode authentication'}); "
+                 f"sites connect to {cfg.host}:{cfg.port} (fleet front: Fleet API only)")
 
     def register_sites(self) -> dict[int, str]:
         """Register every listed site's public key (all at once); node id -> site name."""
@@ -245,9 +229,8 @@ class Coordinator:
                     stop(proc)
 
     def close(self) -> None:
-        """Stop the SuperLink (and everything it started)."""
-        stop(self.superlink)
-        self.superlink = None
+        """Stop the fleet front, the SuperExec and the SuperLink (and everything they started)."""
+        self.link.close()
 
 
 def coordinate(cfg: FederationConfig, run_dir: Path, say: Callable[[str], None] = print) -> int:

@@ -1,7 +1,9 @@
-"""Development credentials for a local trial: a CA, a SuperLink TLS certificate and one key pair per site.
+"""Key pairs and certificates: a site's own key pair (`fedsubtype-client keygen`), development credentials for a
+local trial (a CA, a SuperLink TLS certificate and one key pair per site), and the checks every key file passes.
 
-Written with the `cryptography` package (no openssl needed). Production deployments should use the
-hospital's own PKI; these files are for trying the federation on one machine or a private network.
+Written with the `cryptography` package (no openssl needed). Private keys are created with mode 0600 before a byte
+is written and are refused when group or others can read them. Production deployments should use the hospital's
+own PKI and let each site make its own key pair; the development helper makes every key in one place.
 
 Layout of the output folder::
 
@@ -14,9 +16,11 @@ Layout of the output folder::
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,9 +51,9 @@ def check_site_name(name: str, where: str = "site") -> str:
     return name
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-    os.chmod(path, 0o600)
+def write_private_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write a secret atomically with mode 0600 from the start: the bytes never sit in a file others can read."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -89,17 +93,7 @@ def create_dev_credentials(out_dir: str | os.PathLike, sites: Sequence[str],
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     out = Path(out_dir)
-    if not sites:
-        raise UserError("no site names given", "pass --sites a,b,c", where="credentials")
-    if not hosts:
-        raise UserError("no host names given", "pass --hosts localhost,127.0.0.1", where="credentials")
-    for s in sites:
-        check_site_name(s, where="--sites")
-    if len(set(sites)) != len(sites):
-        raise UserError("site names repeat", "give each site once", where="--sites")
-    if (out / "ca.key").exists() and not overwrite:
-        raise UserError("credentials already exist", "choose another --out folder or pass --overwrite", where=str(out))
-
+    _check_request(out, sites, hosts, overwrite)
     now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=valid_days)
     pem = serialization.Encoding.PEM
@@ -137,9 +131,9 @@ def create_dev_credentials(out_dir: str | os.PathLike, sites: Sequence[str],
     )
     paths = CredentialPaths(out, out / "ca.crt", out / "ca.key", out / "server.crt", out / "server.key", {}, {})
     _write_public(paths.ca_cert, ca_cert.public_bytes(pem))
-    _write_private(paths.ca_key, ca_key.private_bytes(pem, pkcs8, nocrypt))
+    write_private_file(paths.ca_key, ca_key.private_bytes(pem, pkcs8, nocrypt))
     _write_public(paths.server_cert, server_cert.public_bytes(pem))
-    _write_private(paths.server_key, server_key.private_bytes(pem, pkcs8, nocrypt))
+    write_private_file(paths.server_key, server_key.private_bytes(pem, pkcs8, nocrypt))
     for site in sites:
         private, public = create_site_keypair(out / "sites", site)
         paths.site_private_keys[site] = private
@@ -147,18 +141,35 @@ def create_dev_credentials(out_dir: str | os.PathLike, sites: Sequence[str],
     return paths
 
 
-def create_site_keypair(folder: str | os.PathLike, site: str) -> tuple[Path, Path]:
+def _check_request(out: Path, sites: Sequence[str], hosts: Sequence[str], overwrite: bool) -> None:
+    """Site names valid and distinct, at least one host, and no credentials overwritten by accident."""
+    if not sites:
+        raise UserError("no site names given", "pass --sites a,b,c", where="credentials")
+    if not hosts:
+        raise UserError("no host names given", "pass --hosts localhost,127.0.0.1", where="credentials")
+    for s in sites:
+        check_site_name(s, where="--sites")
+    if len(set(sites)) != len(sites):
+        raise UserError("site names repeat", "give each site once", where="--sites")
+    if (out / "ca.key").exists() and not overwrite:
+        raise UserError("credentials already exist", "choose another --out folder or pass --overwrite", where=str(out))
+
+
+def create_site_keypair(folder: str | os.PathLike, site: str, overwrite: bool = True) -> tuple[Path, Path]:
     """One EC P-384 SuperNode authentication key pair in OpenSSH format: (<site>.key, <site>.pub)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     check_site_name(site)
     folder = Path(folder)
-    key = ec.generate_private_key(ec.SECP384R1())
     private = folder / f"{site}.key"
     public = folder / f"{site}.pub"
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
+    if not overwrite and (private.exists() or public.exists()):
+        raise UserError(f"a key pair for {site} already exists", "keep it, or pass --overwrite to make a new one "
+                        "(the coordinator must then register the new .pub)", where=str(private))
+    key = ec.generate_private_key(ec.SECP384R1())
+    write_private_file(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                  serialization.NoEncryption()))
     _write_public(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                              serialization.PublicFormat.OpenSSH) + b"\n")
     return private, public
@@ -187,6 +198,7 @@ def check_private_key_file(path: str | os.PathLike, where: str) -> Path:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"key file not found: {p}", "check the path", where=where)
+    check_private_file_mode(p, where)
     try:
         key = serialization.load_ssh_private_key(p.read_bytes(), password=None)
     except (ValueError, TypeError):
@@ -196,6 +208,36 @@ def check_private_key_file(path: str | os.PathLike, where: str) -> Path:
         raise UserError(f"{p} is not an EC key", "create an EC P-384 key (fedsubtype-server credentials)",
                         where=where)
     return p
+
+
+def check_private_file_mode(path: str | os.PathLike, where: str) -> Path:
+    """A secret file only its owner can read; otherwise a one-line UserError with the `chmod` that fixes it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"key file not found: {p}", "check the path", where=where)
+    if os.name != "posix":
+        return p
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077:
+        raise UserError(f"private key {p} can be read by group or others (mode {mode:04o})",
+                        f"run: chmod 600 {p}", where=where)
+    return p
+
+
+def create_secret_file(path: str | os.PathLike) -> Path:
+    """A fresh random shared secret (64 hex characters), mode 0600: e.g. Flower's SuperExec authentication secret."""
+    import secrets
+
+    write_private_file(path, secrets.token_hex(32).encode("ascii"))
+    return Path(path)
+
+
+def public_key_fingerprint(path: str | os.PathLike) -> str:
+    """SHA256 fingerprint of an OpenSSH public key, as `ssh-keygen -l` prints it, for checking a .pub out of band."""
+    import base64
+
+    blob = base64.b64decode(Path(path).read_text(encoding="ascii").split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
 
 
 def check_public_key_file(path: str | os.PathLike, where: str) -> Path:
