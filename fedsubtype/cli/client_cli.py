@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Join a fedsubtype federation as a site: validate the local cases, warm the cache, and run a "
                     "Flower SuperNode (TLS + node authentication) until the coordinator's runs are done. "
-                    "Case ids, paths, labels and per-case predictions never leave the site.")
+                    "Case ids, paths, labels and per-case predictions never leave the site. "
+                    f"'{PROG} keygen --help' makes this site's key pair; '{PROG} approve-hash' prints the app hash to approve.")
     p.add_argument("--site", type=Path, required=True, help="the site's site.yaml (see site_configs/site.template.yaml)")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no authentication (refused unless site.yaml says allow_insecure: true)")
@@ -94,6 +95,15 @@ def _warn(msg: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "keygen":  # a site makes its own key pair: fedsubtype-client keygen --out DIR --site NAME
+        from fedsubtype.cli.keygen_cmd import main as keygen_main
+
+        return keygen_main(argv[1:])
+    if argv and argv[0] == "approve-hash":  # the app hash a site lists under approved_apps: approve-hash [--fab FILE]
+        from fedsubtype.cli.approve_hash_cmd import main as approve_hash_main
+
+        return approve_hash_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_guarded(PROG, lambda: run(args))

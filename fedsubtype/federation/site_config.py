@@ -68,6 +68,10 @@ class SiteConfig:
     """Once joined, how long to keep trying after losing the SuperLink (None: forever)."""
     allow_insecure: bool = False
     """Permit `--insecure` (no TLS, no authentication): only for a trial on one machine."""
+    approved_apps: list[str] = field(default_factory=list)
+    """sha256 hashes of the Flower apps (FABs) this site takes part in (`fedsubtype-client approve-hash` prints one)."""
+    approve_installed_app: bool = True
+    """Also take part in the app this site's installed fedsubtype would build (the same code it runs)."""
     source: Path | None = None
     """The file this config was read from (set by load_site_config, not by users)."""
 
@@ -100,6 +104,9 @@ class SiteConfig:
                               where=f"{where}.connect_retries")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N", where=f"{where}.device")
+        from fedsubtype.federation.approval import check_hashes
+
+        self.approved_apps = check_hashes(self.approved_apps, where=f"{where}.approved_apps")
 
     def check_files(self, *, secure: bool) -> None:
         """Files named here exist and are what they claim to be (certificates, keys, manifest)."""

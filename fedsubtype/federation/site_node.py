@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from fedsubtype.errors import UserError
-from fedsubtype.federation.processes import (check_tls, flower_executable, split_address, start, stop,
+from fedsubtype.federation.executor_process import WarmExecutor
+from fedsubtype.federation.processes import (check_tls, split_address, start, stop,
                                              wait_for_port)
 from fedsubtype.federation.site_config import SiteConfig
+from fedsubtype.federation.supernode_launch import supernode_command
 
 SITE_CONFIG_KEY = "site-config"
 """The node-config key holding the path of the site's site.yaml (read by client/client_app.py)."""
@@ -43,9 +45,9 @@ def classify_failure(log_text: str) -> UserError:
     return UserError(f"the SuperNode stopped ({last[0].strip()[:200]})", "see the site log for details")
 
 
-def supernode_args(site: SiteConfig, *, insecure: bool) -> list[str]:
-    """Command line of `flower-supernode` for this site."""
-    args = [flower_executable("flower-supernode"), "--superlink", site.superlink,
+def supernode_args(site: SiteConfig, *, insecure: bool, executor: WarmExecutor | None = None) -> list[str]:
+    """Command line of `flower-supernode` for this site (its tasks go to `executor`, the site's warm process)."""
+    args = [*supernode_command(), "--superlink", site.superlink,
             "--port", str(site.local_port), "--host", "127.0.0.1",
             "--node-config", f"{SITE_CONFIG_KEY}={json.dumps(str(site.source))}"]
     if insecure:
@@ -53,6 +55,8 @@ def supernode_args(site: SiteConfig, *, insecure: bool) -> list[str]:
     else:
         args += ["--root-certificates", str(site.ca_certificate),
                  "--auth-supernode-private-key", str(site.auth_private_key)]
+    if executor is not None:
+        args += executor.supernode_args()
     if site.reconnect_timeout_s is not None:
         args += ["--max-wait-time", str(site.reconnect_timeout_s)]
     # Runtime dependency installation stays off: flower-supernode only installs with
@@ -94,10 +98,10 @@ def _echo_new(path: Path, offset: int, say: Say) -> int:
 
 
 def run_supernode(site: SiteConfig, insecure: bool, log_path: Path, env: dict[str, str],
-                  say: Say = print) -> tuple[UserError | None, bool]:
+                  say: Say = print, executor: WarmExecutor | None = None) -> tuple[UserError | None, bool]:
     """Run the SuperNode until it exits: (reason it failed or None, whether the user stopped it)."""
     offset = log_path.stat().st_size if log_path.is_file() else 0
-    proc = start(supernode_args(site, insecure=insecure), log_path, env=env)
+    proc = start(supernode_args(site, insecure=insecure, executor=executor), log_path, env=env)
     say(f"site {site.name}: connecting to {site.superlink} as a SuperNode (pid {proc.pid}); log {log_path}; "
         "Ctrl-C to leave")
     first = offset
@@ -105,6 +109,8 @@ def run_supernode(site: SiteConfig, insecure: bool, log_path: Path, env: dict[st
         while proc.poll() is None:
             time.sleep(1.0)
             offset = _echo_new(log_path, offset, say)
+            if executor is not None:
+                executor.poll()  # restarted here if it crashed or was killed
     except KeyboardInterrupt:
         stop(proc)
         say(f"site {site.name}: left the federation")
@@ -130,7 +136,18 @@ def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001
 
 
 def join_federation(site: SiteConfig, insecure: bool, say: Say = print, warn: Say = _stderr) -> None:
-    """Run the site's SuperNode until the user stops it; retry while the key is not yet registered, and rejoin
+    """Run the site's SuperNode and its one warm ClientApp executor (fedsubtype.federation.site_executor)
+    until the user stops them."""
+    executor = WarmExecutor.for_site(site, supernode_env(site), say)
+    executor.start()
+    try:
+        _stay_joined(site, insecure, say, warn, executor)
+    finally:
+        executor.stop()
+
+
+def _stay_joined(site: SiteConfig, insecure: bool, say: Say, warn: Say, executor: WarmExecutor) -> None:
+    """Run the SuperNode until the user stops it; retry while the key is not yet registered, and rejoin
     after the SuperLink went away for as long as `reconnect_timeout_s` allows (forever by default)."""
     log_path = site.state_dir() / "logs" / "supernode.log"
     env = supernode_env(site)
@@ -139,7 +156,7 @@ def join_federation(site: SiteConfig, insecure: bool, say: Say = print, warn: Sa
     deadline = time.monotonic() + site.connect_timeout_s
     delay = 2.0
     while True:
-        failure, stopped = run_supernode(site, insecure, log_path, env, say)
+        failure, stopped = run_supernode(site, insecure, log_path, env, say, executor)
         if stopped:
             return
         if failure is not None and "not registered" in failure.what:
