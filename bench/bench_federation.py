@@ -54,7 +54,9 @@ def centralized_seconds(manifest: Path, sites: list[str], cache: Path, size: int
     from fedsubtype.data.preprocess import PreprocessConfig
     from fedsubtype.federation.site_config import SiteConfig
     from fedsubtype.data.cache import PreprocessCache
-    from fedsubtype.train.loop import TrainConfig, fit, seed_everything
+    from fedsubtype.train.config import TrainConfig
+    from fedsubtype.train.loop import fit
+    from fedsubtype.train.runtime import seed_everything
 
     prep = PreprocessConfig(size=size)
     union = []
