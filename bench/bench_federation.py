@@ -182,8 +182,8 @@ def main() -> int:
                                                          args.batch_size, args.lr, args.seed, os.cpu_count() or 1)
         bytes_per_round = statistics.median(r["bytes_down"] + r["bytes_up"] for r in fed["records"]
                                             if r["phase"] == "train")
-        # what a round costs beyond its slowest site's own training: message transport, one ClientApp
-        # process per message (Python, Flower, PyTorch imports), polling, aggregation, checkpoint
+        # what a round costs beyond its slowest site's own training: message transport, the sites' task
+        # hand-over to their warm executors, polling, aggregation, checkpoint
         slowest = [max((a["metrics"].get("seconds", 0.0) for a in r["answered"]), default=0.0) for r in train]
         beyond = statistics.median(r["seconds"] - s for r, s in zip(train, slowest))
         eval_bytes = statistics.median([r["bytes_down"] for r in fed["records"] if r["phase"] == "evaluate"] or [0])
