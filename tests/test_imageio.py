@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from broken_cases import make_image, make_mask, write_dicom_series
 from fedsubtype.errors import ImageReadError
-from fedsubtype.data.imageio import (choose_dicom_series, grid_differences, list_dicom_series, load_case_images,
+from fedsubtype.data.dicom import choose_dicom_series, list_dicom_series
+from fedsubtype.data.imageio import (grid_differences, load_case_images,
                                 read_image, read_image_noted, write_image)
 from fedsubtype.data.manifest import Case
 

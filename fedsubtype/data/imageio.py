@@ -22,8 +22,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from fedsubtype.data.dicom import (DicomImage, DicomSeries, choose_dicom_series, list_dicom_series,  # noqa: F401
-                                   read_dicom_file, read_dicom_folder)
+from fedsubtype.data.dicom import DicomImage, read_dicom_file, read_dicom_folder
 from fedsubtype.data.dicom_scan import ReadNote, is_dicom_file
 from fedsubtype.data.dicom_seg import read_seg_mask, seg_file
 from fedsubtype.data.itk_log import captured, install as install_itk_logger

@@ -7,8 +7,10 @@ computed; a task without both classes gets `auc: None` rather than an error.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats
@@ -26,6 +28,15 @@ def _float(x: float | np.floating | None) -> float | None:
         return None
     x = float(x)
     return None if np.isnan(x) else x
+
+
+def finite_or_none(value: Any) -> float | None:
+    """`value` as a float when it is a finite number, else None (missing, NaN, infinite or not a number)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _binary(y: np.ndarray, p: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:

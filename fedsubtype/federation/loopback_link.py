@@ -16,7 +16,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fedsubtype.errors import UserError
 from fedsubtype.federation.fleet_front import FrontConfig, front_args

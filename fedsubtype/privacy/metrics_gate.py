@@ -9,23 +9,16 @@ many were withheld (`metrics-omitted`, a number) instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from fedsubtype import CLASSIFICATION_TASKS
+from fedsubtype.evaluate.metrics import finite_or_none
 
 OMITTED_KEY = "metrics-omitted"
 """Number of gated evaluation metrics a reply leaves out (too few cases)."""
 GATED_KEYS: tuple[str, ...] = ("mean-auc", *(f"{t}-auc" for t in CLASSIFICATION_TASKS), "ki67-mae")
 
-
-def _finite(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def releasable_eval_metrics(scores: Mapping[str, Any], n_cases: int, min_cases: int) -> dict[str, float]:
@@ -34,14 +27,14 @@ def releasable_eval_metrics(scores: Mapping[str, Any], n_cases: int, min_cases: 
     aucs = []
     for task in CLASSIFICATION_TASKS:
         block = scores.get(task) or {}
-        n, pos, auc = int(block.get("n") or 0), int(block.get("n_pos") or 0), _finite(block.get("auc"))
+        n, pos, auc = int(block.get("n") or 0), int(block.get("n_pos") or 0), finite_or_none(block.get("auc"))
         if auc is not None and pos >= min_cases and n - pos >= min_cases:
             out[f"{task}-auc"] = auc
             aucs.append(auc)
     if len(aucs) == len(CLASSIFICATION_TASKS):
         out["mean-auc"] = sum(aucs) / len(aucs)
     ki67 = scores.get("ki67") or {}
-    mae = _finite(ki67.get("mae"))
+    mae = finite_or_none(ki67.get("mae"))
     if mae is not None and int(ki67.get("n") or 0) >= min_cases:
         out["ki67-mae"] = mae
     out[OMITTED_KEY] = float(sum(1 for k in GATED_KEYS if k not in out))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +10,19 @@ import torch
 from torch import nn
 
 from fedsubtype import CLASSIFICATION_TASKS
+from fedsubtype.evaluate.metrics import finite_or_none
 
 
 def val_summary(metrics: dict[str, Any], loss: float | None) -> dict[str, Any]:
     """The validation columns of a history row: loss, mean and per-task AUC, Ki-67 MAE (None when undefined)."""
     row: dict[str, Any] = {"val_loss": loss}
     mean_auc = metrics.get("mean_auc")
-    row["val_mean_auc"] = _finite_or_none(mean_auc)
+    row["val_mean_auc"] = finite_or_none(mean_auc)
     for t in CLASSIFICATION_TASKS:
-        row[f"val_{t}_auc"] = _finite_or_none((metrics.get(t) or {}).get("auc"))
-    row["val_ki67_mae"] = _finite_or_none((metrics.get("ki67") or {}).get("mae"))
+        row[f"val_{t}_auc"] = finite_or_none((metrics.get(t) or {}).get("auc"))
+    row["val_ki67_mae"] = finite_or_none((metrics.get("ki67") or {}).get("mae"))
     return row
 
-
-def _finite_or_none(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
