@@ -152,14 +152,12 @@ class RunStore:
     # ------------------------------------------------------------ final model
     def save_final_model(self, weights: Sequence[np.ndarray], model_config: Any, preprocess_config: Any,
                          metadata: dict[str, Any]) -> Path:
-        """`model.pt` in the centralized format, so `fedsubtype evaluate/predict` take it unchanged."""
-        from fedsubtype.train.checkpoint import save_model
+        """`model.pt` through the pipeline's save step, so `fedsubtype evaluate/predict` take it unchanged."""
         from fedsubtype.federation.site_algo import set_weights
         from fedsubtype.model import build_model
+        from fedsubtype.train.pipeline import save_run_model
 
         model = build_model(model_config)
         set_weights(model, weights)
-        path = self.root / "model.pt"
-        save_model(path, model, model_config=model_config, preprocess_config=preprocess_config,
-                   metadata=_clean(metadata))
-        return path
+        return save_run_model(self.root, model, model_config=model_config, preprocess_config=preprocess_config,
+                              metadata=_clean(metadata))
