@@ -30,6 +30,7 @@ RAY_START_ATTEMPTS = 3
 def federation_config(key: Any, scen: Scenario, n_sites: int, run_dir: Path, cohort: Cohort) -> Any:
     """The coordinator's FederationConfig for one run (the same schema `fedsubtype-server` reads)."""
     from fedsubtype.federation.config import FederationConfig
+    from fedsubtype.federation.robust import RobustConfig
     from fedsubtype.model import ModelConfig
 
     from .baselines import train_config
@@ -40,9 +41,12 @@ def federation_config(key: Any, scen: Scenario, n_sites: int, run_dir: Path, coh
     return FederationConfig(
         run_dir=run_dir, rounds=scen.federation.rounds, strategy=strategy,  # type: ignore[arg-type]
         proximal_mu=float(params.get("mu", 0.0)), server_lr=float(params.get("server_lr", 0.01)),
-        local_epochs=scen.federation.local_epochs, lr=tc.lr, batch_size=tc.batch_size, weight_decay=tc.weight_decay,
-        augment=tc.augment, seed=key.seed, min_sites=n_sites, fraction_train=scen.federation.fraction_train,
-        local_norm=key.family == "fedbn", insecure=True,
+        local_epochs=scen.federation.local_epochs, evaluate_every=1 if scen.evaluate_every_round else 0,
+        lr=tc.lr, batch_size=tc.batch_size, weight_decay=tc.weight_decay,
+        augment=tc.augment, seed=key.seed, min_sites=min(scen.federation.min_sites or n_sites, n_sites),
+        fraction_train=scen.federation.fraction_train, local_norm=key.family == "fedbn", insecure=True,
+        robust=RobustConfig(num_malicious=int(params.get("f", 1)), trim_beta=float(params.get("beta", 0.2)),
+                            clip_norm_ratio=params.get("clip")),
         model=from_dict(ModelConfig, copy.deepcopy(scen.model), "scenario.model"),
         preprocess=cohort.preprocess_config)
 
@@ -118,7 +122,7 @@ def _run_with_ray_retries(cfg: Any, run_dir: Path, node_configs: dict[int, dict[
     """Run the federation on the engine; retry (resuming from the last checkpoint) when Ray starts too slowly."""
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            run_on_simulation_engine(str(run_dir), node_configs, scen.ray, verbose)
+            run_on_simulation_engine(str(run_dir), node_configs, scen.ray, verbose, fault=scen.fault)
             return
         except (RuntimeError, SystemExit) as exc:
             if ray_start_timeout(exc) and attempt < RAY_START_ATTEMPTS:
@@ -129,10 +133,13 @@ def _run_with_ray_retries(cfg: Any, run_dir: Path, node_configs: dict[int, dict[
                             where=str(folder)) from None
 
 
-def _check_rounds(cfg: Any, run_dir: Path, folder: Path, say: Callable[[str], None]) -> Path:
-    """The final model's path, once every round trained (or the rest were declined for spent privacy budgets)."""
+def _check_rounds(cfg: Any, run_dir: Path, folder: Path, say: Callable[[str], None], faulty: bool = False) -> Path:
+    """The final model's path, once every round trained (or the rest were declined for spent privacy budgets, or,
+    with a simulated faulty site, left the global model unchanged for want of enough valid replies)."""
     trained, failed = _trained_rounds(run_dir)
-    if trained and failed and all(BUDGET_EXHAUSTED in f for f in failed):
+    if faulty and failed:
+        say(f"  {len(failed)} round(s) kept the previous global model ({failed[0]})")
+    elif trained and failed and all(BUDGET_EXHAUSTED in f for f in failed):
         say(f"  {len(failed)} round(s) declined: the sites' privacy budgets were spent; the model stands as of round {trained}")
     elif trained < cfg.rounds:
         why = failed[0] if failed else "no round record"
@@ -169,8 +176,10 @@ def run_simulated_federation(key: Any, scen: Scenario, cohort: Cohort, sites: li
     node_configs = write_site_files(scen, cohort, sites, folder)
     say(f"  Flower simulation engine: {len(sites)} virtual SuperNodes ({', '.join(sites)}), {cfg.rounds} rounds of "
         f"{cfg.strategy}{' + local norm' if cfg.local_norm else ''}" + (" (resuming)" if resume else ""))
+    if scen.fault is not None:
+        say(f"  simulation-only fault: {sites[scen.fault.site]} sends {scen.fault.kind} replies")
     _run_with_ray_retries(cfg, run_dir, node_configs, scen, folder, say, verbose)
-    model, _bundle = load_model(_check_rounds(cfg, run_dir, folder, say))
+    model, _bundle = load_model(_check_rounds(cfg, run_dir, folder, say, scen.fault is not None))
     history, samples = _history(run_dir, cfg.local_epochs)
     out = {"global": TrainedModel(model, list(sites), history, samples)}
     if cfg.local_norm:

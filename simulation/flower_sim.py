@@ -11,9 +11,11 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from fedsubtype.federation.launch import RUN_DIR_KEY
 
-from .scenario import RaySpec
+from .scenario import FaultSpec, RaySpec
 
 PARTITION_ID_KEY = "partition-id"  # what Flower's simulation engine puts in each virtual node's config
 
@@ -28,20 +30,45 @@ def ray_start_timeout(exc: BaseException) -> bool:
     return False
 
 
+def corrupt_reply(reply: Any, message: Any, fault: FaultSpec) -> None:
+    """SIMULATION ONLY: turn a site's honest training reply into a faulty or hostile one, in place."""
+    if fault.kind == "inflate_examples":
+        reply.content["metrics"]["num-examples"] = float(reply.content["metrics"]["num-examples"]) * fault.factor
+        return
+    sent = message.content["arrays"].to_numpy_ndarrays()
+    got = reply.content["arrays"].to_numpy_ndarrays()
+    if fault.kind == "nan":
+        bad = [np.full_like(g, np.nan) for g in got]
+    elif fault.kind == "sign_flip":
+        bad = [(s - fault.factor * (g - s)).astype(g.dtype) for s, g in zip(sent, got)]
+    else:  # scale
+        bad = [(s + fault.factor * (g - s)).astype(g.dtype) for s, g in zip(sent, got)]
+    from flwr.app import ArrayRecord
+
+    reply.content["arrays"] = ArrayRecord(bad)
+
+
 class SiteNodeClientApp:
     """The real ClientApp, with virtual SuperNode i given site i's node config (as `--node-config` would).
 
-    Picklable, so Ray actors receive it; it changes nothing else about the app.
+    Picklable, so Ray actors receive it. The scenario's `fault` (simulation only) corrupts one virtual site's
+    training replies after the real app produced them; nothing else about the app changes.
     """
 
-    def __init__(self, app: Any, node_configs: dict[int, dict[str, str]]) -> None:
+    def __init__(self, app: Any, node_configs: dict[int, dict[str, str]], fault: FaultSpec | None = None) -> None:
         self.app = app
         self.node_configs = node_configs
+        self.fault = fault
 
     def __call__(self, message: Any, context: Any) -> Any:
         partition = int(context.node_config[PARTITION_ID_KEY])
         context.node_config.update(self.node_configs[partition])
-        return self.app(message=message, context=context)
+        reply = self.app(message=message, context=context)
+        fault = self.fault
+        if (fault is not None and fault.kind and partition == fault.site and not reply.has_error()
+                and message.metadata.message_type.split(".")[0] == "train"):
+            corrupt_reply(reply, message, fault)
+        return reply
 
 
 class RunConfigServerApp:
@@ -72,8 +99,9 @@ def quiet_engine(verbose: bool) -> None:
 
 
 def run_on_simulation_engine(run_dir: str, node_configs: dict[int, dict[str, str]], ray: RaySpec,
-                             verbose: bool = False) -> None:
-    """The deployment's ServerApp (run folder `run_dir`) and ClientApp on one virtual SuperNode per node config."""
+                             verbose: bool = False, fault: FaultSpec | None = None) -> None:
+    """The deployment's ServerApp (run folder `run_dir`) and ClientApp on one virtual SuperNode per node config
+    (with the scenario's simulation-only `fault` applied to one of them)."""
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
@@ -81,5 +109,5 @@ def run_on_simulation_engine(run_dir: str, node_configs: dict[int, dict[str, str
 
     quiet_engine(verbose)
     run_simulation(server_app=RunConfigServerApp(server_app, {RUN_DIR_KEY: run_dir}),
-                   client_app=SiteNodeClientApp(client_app, node_configs),
+                   client_app=SiteNodeClientApp(client_app, node_configs, fault),
                    num_supernodes=len(node_configs), backend_config=backend_config(ray), verbose_logging=verbose)

@@ -16,13 +16,18 @@ from typing import Any
 
 from fedsubtype.configio import from_dict, load_yaml, to_dict
 from fedsubtype.errors import ConfigError
+from fedsubtype.federation.robust import ROBUST_STRATEGIES
 
 from .partition import PartitionSpec
 
-METHODS: tuple[str, ...] = ("pooled", "local", "fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
+ROBUST: tuple[str, ...] = ROBUST_STRATEGIES
+"""Flower's Byzantine-robust strategies (fedsubtype.federation.robust)."""
+METHODS: tuple[str, ...] = ("pooled", "local", "fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", *ROBUST)
 """pooled = centralized on the union; local = each site alone; the rest run through the Flower apps.
 fedbn = FedAvg with normalisation layers kept local to each site (FedBN-style personalisation)."""
-FEDERATED: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
+FEDERATED: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", *ROBUST)
+FAULTS: tuple[str, ...] = ("nan", "sign_flip", "scale", "inflate_examples")
+"""What the simulation-only fault hook (simulation/flower_sim.py) does to one virtual site's training replies."""
 
 
 @dataclass
@@ -53,6 +58,9 @@ class MethodSpec:
     name: str
     mu: list[float] = field(default_factory=lambda: [0.01])
     server_lr: float = 0.01
+    num_malicious: int = 1  # krum / multikrum / bulyan: f
+    beta: float = 0.2  # fedtrimmedavg: share trimmed at each end
+    clip_ratio: float | None = None  # server-side clipping of each update to this multiple of the median norm
     label: str | None = None
 
     def validate(self, where: str = "method") -> None:
@@ -69,7 +77,18 @@ class MethodSpec:
             return [(self.label or f"fedprox(mu={m:g})", {"mu": m}) for m in self.mu]
         if self.name in ("fedadam", "fedyogi"):
             return [(self.label or self.name, {"server_lr": self.server_lr})]
-        return [(self.label or self.name, {})]
+        return [(self.label or self.name, self._robust_params())]
+
+    def _robust_params(self) -> dict[str, Any]:
+        """Settings of the robust strategies and of server-side clipping (empty for the others: keys unchanged)."""
+        params: dict[str, Any] = {}
+        if self.name in ("krum", "multikrum", "bulyan"):
+            params["f"] = self.num_malicious
+        if self.name == "fedtrimmedavg":
+            params["beta"] = self.beta
+        if self.clip_ratio is not None:
+            params["clip"] = self.clip_ratio
+        return params
 
 
 @dataclass
@@ -83,6 +102,8 @@ class FederationSpec:
     budget_epochs: int = 10
     local_epochs: int = 1
     fraction_train: float = 1.0
+    min_sites: int | None = None  # replies a round needs to count (None: every site); below it the model stays
+
 
     def validate(self, where: str = "federation") -> None:
         if self.budget_epochs < 1 or self.local_epochs < 1:
@@ -92,10 +113,29 @@ class FederationSpec:
                               "make it one so every method sees the same number of samples", where=where)
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction_train must be in (0, 1], got {self.fraction_train}", where=f"{where}.fraction_train")
+        if self.min_sites is not None and self.min_sites < 1:
+            raise ConfigError(f"min_sites must be >= 1, got {self.min_sites}", "use e.g. 4, or remove it for every site",
+                              where=f"{where}.min_sites")
 
     @property
     def rounds(self) -> int:
         return self.budget_epochs // self.local_epochs
+
+
+@dataclass
+class FaultSpec:
+    """SIMULATION ONLY: one virtual site's training replies are corrupted (never reachable from a deployment)."""
+
+    kind: str | None = None
+    site: int = 0  # index of the virtual site among the run's training sites
+    factor: float = 100.0  # `scale` / `sign_flip`: update multiplier (-factor); `inflate_examples`: count multiplier
+
+    def validate(self, where: str = "fault") -> None:
+        if self.kind is not None and self.kind not in FAULTS:
+            raise ConfigError(f"unknown fault '{self.kind}'", f"use one of {', '.join(FAULTS)} or null",
+                              where=f"{where}.kind")
+        if self.site < 0:
+            raise ConfigError(f"site must be >= 0, got {self.site}", where=f"{where}.site")
 
 
 @dataclass
@@ -112,7 +152,7 @@ class SweepSpec:
             raise ConfigError("sweep has no values", "list at least one", where=f"{where}.values")
 
 
-SWEEPABLE: tuple[str, ...] = ("partition.alpha", "privacy.target_epsilon")
+SWEEPABLE: tuple[str, ...] = ("partition.alpha", "privacy.target_epsilon", "fault.kind")
 
 
 @dataclass
@@ -146,6 +186,7 @@ class Scenario:
     loso_methods: list[str] | None = None  # methods that also run leave-one-site-out (None: all but local)
     include_all_sites: bool = True
     sweep: SweepSpec | None = None
+    fault: FaultSpec | None = None
     ray: RaySpec = field(default_factory=RaySpec)
     evaluate_every_round: bool = True
 
@@ -179,6 +220,10 @@ class Scenario:
                     raise ConfigError(f"alpha must be > 0, got {value}", "use e.g. 100, 1 or 0.3", where="scenario.sweep.values")
                 scen = replace(self, partition=replace(self.partition, alpha=float(value)), sweep=None)
                 out.append((f"alpha={float(value):g}", scen))
+            elif self.sweep.param == "fault.kind":
+                fault = replace(self.fault or FaultSpec(), kind=value)
+                fault.validate("scenario.sweep.values")
+                out.append((f"fault={value or 'none'}", replace(self, fault=fault if value else None, sweep=None)))
             else:
                 privacy = dict(self.privacy)
                 if value is None or value in ("inf", "none", float("inf")):
@@ -208,6 +253,10 @@ class Scenario:
             data.pop(key, None)
         data["data"].pop("cache_dir", None)
         data["data"].pop("cache_workers", None)
+        for section, key in (("federation", "min_sites"), (None, "fault")):  # added later: absent keeps old hashes
+            holder = data[section] if section else data
+            if holder.get(key) is None:
+                holder.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

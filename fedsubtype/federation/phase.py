@@ -11,6 +11,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsubtype.federation.config import FederationConfig
+from fedsubtype.federation.reply_checks import COUNT_KEY, count_problem, metrics_problem
 from fedsubtype.federation.runstore import RoundRecord, SiteResult
 
 POLL_S = 0.2
@@ -43,8 +44,17 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll_s: float 
     return replies
 
 
-def _sort_replies(replies: list[Message], target: dict[str, int], names: dict[int, str]
-                  ) -> tuple[list[tuple[SiteResult, Message]], list[str], set[int]]:
+def reply_problem(msg: Message, phase: str, max_examples: int) -> str | None:
+    """Why a reply's metrics or example count cannot be used (None when they can); never raises."""
+    records = list(msg.content.metric_records.values())
+    if len(records) != 1:
+        return f"expected one metric record, got {len(records)}"
+    metrics = dict(records[0])
+    return metrics_problem(metrics, phase) or count_problem(metrics[COUNT_KEY], phase, max_examples)
+
+
+def _sort_replies(replies: list[Message], target: dict[str, int], names: dict[int, str], phase: str,
+                  max_examples: int) -> tuple[list[tuple[SiteResult, Message]], list[str], set[int]]:
     """(answers sorted by site, failure lines, nodes heard from) from the replies of one phase."""
     answers, failed, seen = [], [], set()
     for msg in replies:
@@ -54,7 +64,11 @@ def _sort_replies(replies: list[Message], target: dict[str, int], names: dict[in
         if msg.has_error():
             failed.append(f"{who}: {msg.error.reason}")
             continue
-        name = str(msg.content["site"]["name"]) if "site" in msg.content.config_records else who
+        name = str(msg.content["site"].get("name", who)) if "site" in msg.content.config_records else who
+        why = reply_problem(msg, phase, max_examples)
+        if why:
+            failed.append(f"{name}: {why}")
+            continue
         metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()}
         answers.append((SiteResult(name, node, metrics), msg))
     # replies come in arrival order; a fixed order makes the weighted float sums of aggregation reproducible
@@ -70,7 +84,7 @@ def run_phase(grid: Grid, cfg: FederationConfig, messages: list[Message], rnd: i
     down = sum(m.content.array_records["arrays"].count_bytes() for m in messages if "arrays" in m.content.array_records)
     replies = exchange(grid, messages, cfg.round_timeout_s) if messages else []
     target = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
-    answers, failed, seen = _sort_replies(replies, target, names)
+    answers, failed, seen = _sort_replies(replies, target, names, phase, cfg.reply_checks.max_examples)
     results, ok = [r for r, _ in answers], [m for _, m in answers]
     failed += [f"{names.get(n, f'node {n}')}: no answer within {cfg.round_timeout_s:g} s"
                for n in target.values() if n not in seen]

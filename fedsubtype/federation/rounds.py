@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -25,6 +25,8 @@ from fedsubtype import __version__
 from fedsubtype.configio import atomic_write_text, to_dict
 from fedsubtype.federation.config import FederationConfig
 from fedsubtype.federation.phase import run_phase
+from fedsubtype.federation.reply_checks import first_counts, flat_weights, screen_train
+from fedsubtype.federation.robust import clip_updates
 from fedsubtype.federation.runstore import RoundRecord, RunStore
 from fedsubtype.federation.strategy import make_strategy, nan_aware_mean, restore_strategy_state, strategy_state
 from fedsubtype.federation.transport import LAYOUT_KEY, layout_of, pack, unpack
@@ -111,16 +113,14 @@ class RoundLoop:
         return unpack(self.arrays.to_numpy_ndarrays(), self.layout)
 
     def train(self, rnd: int) -> RoundRecord:
-        """Local training at the sites, aggregated when enough answered; the global model moves only then."""
+        """Local training at the sites; the replies that pass the checks are aggregated when enough did, and the
+        global model moves only then (and only to finite weights)."""
         cfg = self.cfg
         msgs = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(dict(self.base)), self.grid))
         record, ok = run_phase(self.grid, cfg, msgs, rnd, "train")
+        ok = self.checked(record, ok)
         if record.accepted:
-            try:
-                new_arrays, agg = self.strategy.aggregate_train(rnd, ok)
-            except Exception as exc:  # inconsistent replies: keep the previous global model
-                log(WARNING, "round %d: aggregation failed (%s)", rnd, exc)
-                new_arrays, agg = None, None
+            new_arrays, agg = self.aggregate(rnd, ok)
             if new_arrays is not None:
                 self.arrays = new_arrays
                 record.aggregated = {k: float(v) for k, v in (agg or {}).items()}
@@ -137,6 +137,32 @@ class RoundLoop:
         for line in record.failed:
             say(f"round {rnd}: left out {line}")
         return record
+
+    def checked(self, record: RoundRecord, replies: list[Message]) -> list[Message]:
+        """The replies that pass the reply checks (clipped when configured); the round counts if enough are left."""
+        sent = self.arrays.to_numpy_ndarrays()
+        replies = screen_train(record, replies, sent, self.cfg.reply_checks, first_counts(self.store.records))
+        ratio = self.cfg.robust.clip_norm_ratio
+        if ratio is not None and replies:  # the weights travel packed: one flat array per reply
+            base = np.concatenate([np.ravel(a) for a in sent]).astype(np.float64)
+            dtypes = [m.content["arrays"].to_numpy_ndarrays()[0].dtype for m in replies]
+            clipped = clip_updates([flat_weights(m.content) for m in replies], base, ratio)
+            for msg, flat, dtype in zip(replies, clipped, dtypes):
+                msg.content["arrays"] = ArrayRecord([flat.astype(dtype)])
+        record.accepted = len(replies) >= self.cfg.min_sites
+        return replies
+
+    def aggregate(self, rnd: int, replies: list[Message]) -> tuple[ArrayRecord | None, Any]:
+        """The strategy's aggregate, or (None, None) when it fails or is not finite (the global model stays)."""
+        try:
+            new_arrays, agg = self.strategy.aggregate_train(rnd, replies)
+        except Exception as exc:  # inconsistent replies: keep the previous global model
+            log(WARNING, "round %d: aggregation failed (%s)", rnd, exc)
+            return None, None
+        if new_arrays is not None and not all(np.isfinite(a).all() for a in new_arrays.to_numpy_ndarrays()):
+            log(WARNING, "round %d: the aggregate is not finite; global model unchanged", rnd)
+            return None, None
+        return new_arrays, agg
 
     def evaluate(self, rnd: int) -> None:
         """The sites score the global model on their validation splits; the NaN-aware mean is recorded."""

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
+                                     MultiKrum, Strategy)
 
 from fedsubtype.federation.config import FederationConfig
 from fedsubtype.privacy.site_level import wrap_strategy
@@ -49,9 +50,26 @@ def make_strategy(cfg: FederationConfig) -> Strategy:
         base = FedAvg(**common)
     elif cfg.strategy == "fedadam":
         base = FedAdam(eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau, **common)
-    else:
+    elif cfg.strategy == "fedyogi":
         base = FedYogi(eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau, **common)
+    else:
+        base = robust_strategy(cfg, common)
     return wrap_strategy(base, cfg.site_level_dp, num_sampled_sites=cfg.min_sites)
+
+
+def robust_strategy(cfg: FederationConfig, common: dict[str, Any]) -> Strategy:
+    """One of Flower's Byzantine-robust strategies; they ignore example counts (docs/federation.md)."""
+    f = cfg.robust.num_malicious
+    if cfg.strategy == "fedmedian":
+        return FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=cfg.robust.trim_beta, **common)
+    if cfg.strategy == "krum":
+        return Krum(num_malicious_nodes=f, **common)
+    if cfg.strategy == "multikrum":
+        keep = cfg.robust.multikrum_keep or max(1, cfg.min_sites - f)
+        return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=keep, **common)
+    return Bulyan(num_malicious_nodes=f, **common)
 
 
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
