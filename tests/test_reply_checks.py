@@ -49,7 +49,7 @@ def test_metrics_must_be_allow_listed_numbers_with_a_count():
 @pytest.mark.parametrize("count,why", [(-5.0, "not an integer >= 1"), (0.0, "not an integer >= 1"),
                                        (2.5, "not an integer"), (float("nan"), "not an integer"),
                                        (1e12, "above reply_checks.max_examples 100000"),
-                                       (21.0, "above the 20 this site reported first")])
+                                       (21.0, "above the 20 this site declared or first reported")])
 def test_implausible_training_counts_are_named(count, why):
     assert why in count_problem(count, "train", 100_000, first=20.0)
 
@@ -418,3 +418,24 @@ def test_evaluation_replies_are_checked_too(flower_ids):
     two = evaluation(**{"num-examples": 6})
     two.content["more"] = MetricRecord({"num-examples": 1})
     assert "one metric record" in reply_problem(two, "evaluate", 100)
+
+
+def test_a_count_declared_at_enrolment_bounds_replies_from_the_first_round():
+    from fedsubtype.federation.reply_checks import count_bounds
+
+    bounds = count_bounds({5: 20.0}, {"site1": 50, "site2": 10, "site3": None}, {5: "site1", 6: "site2", 7: "site3"})
+    assert bounds == {5: 20.0, 6: 10.0}  # the tighter of first and declared; no bound where nothing is known
+    assert count_problem(4900, "train", 100_000, bounds.get(6)) is not None  # inflated from round 1: caught
+    assert count_problem(10, "train", 100_000, bounds.get(6)) is None
+    # the name a reply gives is not trusted: bounds follow the registered node ids only
+    assert count_bounds({}, {"site1": 5}, {}) == {}
+
+
+def test_declared_examples_must_be_positive(tmp_path):
+    from fedsubtype.errors import ConfigError
+    from fedsubtype.federation.config import FederationConfig, SiteEntry
+
+    cfg = FederationConfig(run_dir=tmp_path, min_sites=1,
+                           sites=[SiteEntry("site1", tmp_path / "k.pub", declared_examples=0)])
+    with pytest.raises(ConfigError, match="declared_examples"):
+        cfg.validate("federation.yaml")

@@ -20,10 +20,12 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", *ROBUS
 
 @dataclass
 class SiteEntry:
-    """A site allowed to join: its name and its SuperNode authentication public key (OpenSSH)."""
+    """A site allowed to join: its name, its SuperNode authentication public key (OpenSSH) and, optionally,
+    the number of training cases it declared when it enrolled (a reply claiming more is left out)."""
 
     name: str
     public_key: Path
+    declared_examples: int | None = None
 
 
 @dataclass
@@ -140,6 +142,10 @@ class FederationConfig:
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise bad("sites", "a site is listed twice", "list each site once")
+        for s in self.sites:
+            if s.declared_examples is not None and s.declared_examples < 1:
+                raise bad(f"sites.{s.name}.declared_examples", f"must be a positive number, got {s.declared_examples}",
+                          "give the training-case count the site declared at enrolment, or leave it out")
         if self.preprocess.size % 8:
             raise bad("preprocess.size", f"must be a multiple of 8, got {self.preprocess.size}", "e.g. 32")
 

@@ -2,9 +2,10 @@
 
 A reply is left out, with one reason per site and round in rounds.json, when its metrics are not the site
 allow-list's keys and numbers, its example count is not a plausible integer, its weights are not finite or
-not exactly the layout sent, or its update norm is far above the round's median. Sites do not declare their
-example count when they join, so a training count is bounded by `max_examples` and by the first count the
-same node reported in this run (a site's training split does not change within a run).
+not exactly the layout sent, or its update norm is far above the round's median. A training count is
+bounded by `max_examples`, by the count the site declared when it enrolled (`declared_examples` in its
+`sites:` entry, when given) and by the first count the same node reported in this run (a site's training
+split does not change within a run).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def count_problem(count: Any, phase: str, max_examples: int, first: float | None
     if value > max_examples:
         return f"example count {value:g} is above reply_checks.max_examples {max_examples}"
     if first is not None and value > first:
-        return f"example count {value:g} is above the {first:g} this site reported first in this run"
+        return f"example count {value:g} is above the {first:g} this site declared or first reported in this run"
     return None
 
 
@@ -111,6 +112,18 @@ def first_counts(records: Iterable[Mapping[str, Any]]) -> dict[int, float]:
                 count = (a.get("metrics") or {}).get(COUNT_KEY)
                 if count is not None:
                     out.setdefault(int(a["node_id"]), float(count))
+    return out
+
+
+def count_bounds(first: Mapping[int, float], declared: Mapping[str, int | None],
+                 registered: Mapping[int, str]) -> dict[int, float]:
+    """Node id -> the most examples a training reply may claim: the first count it reported in this run and
+    the count its site declared at enrolment (matched by the registered name, not the name a reply gives)."""
+    out = dict(first)
+    for node, name in registered.items():
+        limit = declared.get(name)
+        if limit is not None:
+            out[node] = min(out.get(node, math.inf), float(limit))
     return out
 
 

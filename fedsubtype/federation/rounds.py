@@ -24,8 +24,8 @@ from flwr.serverapp.strategy import Strategy
 from fedsubtype import __version__
 from fedsubtype.configio import atomic_write_text, to_dict
 from fedsubtype.federation.config import FederationConfig
-from fedsubtype.federation.phase import run_phase
-from fedsubtype.federation.reply_checks import first_counts, flat_weights, screen_train
+from fedsubtype.federation.phase import node_names, run_phase
+from fedsubtype.federation.reply_checks import count_bounds, first_counts, flat_weights, screen_train
 from fedsubtype.federation.robust import clip_updates
 from fedsubtype.federation.runstore import RoundRecord, RunStore
 from fedsubtype.federation.strategy import make_strategy, nan_aware_mean, restore_strategy_state, strategy_state
@@ -141,7 +141,9 @@ class RoundLoop:
     def checked(self, record: RoundRecord, replies: list[Message]) -> list[Message]:
         """The replies that pass the reply checks (clipped when configured); the round counts if enough are left."""
         sent = self.arrays.to_numpy_ndarrays()
-        replies = screen_train(record, replies, sent, self.cfg.reply_checks, first_counts(self.store.records))
+        bounds = count_bounds(first_counts(self.store.records), {s.name: s.declared_examples for s in self.cfg.sites},
+                              node_names(self.cfg.run_dir))
+        replies = screen_train(record, replies, sent, self.cfg.reply_checks, bounds)
         ratio = self.cfg.robust.clip_norm_ratio
         if ratio is not None and replies:  # the weights travel packed: one flat array per reply
             base = np.concatenate([np.ravel(a) for a in sent]).astype(np.float64)
