@@ -48,3 +48,15 @@ def synthetic_case(folder: Path, case_id: str = "c1", *, seed: int = 0, radius_m
 def write_case() -> Callable[..., Case]:
     """The synthetic-case writer (see `synthetic_case`), for tests and module-scoped fixtures alike."""
     return synthetic_case
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    """Real processes a test starts (SuperLink, SuperNodes, coordinator, sites); all killed at the end, also on failure."""
+    from fedutil import Procs
+
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()

@@ -35,15 +35,6 @@ def setup(phantom_cohort, tmp_path_factory):
     return {"root": root, "manifest": manifest, "creds": creds, "cache": root / "cache"}
 
 
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 def _start(setup, procs: Procs, tmp: Path, sites: list[str], **fed) -> tuple[Path, int]:
     port = free_port()
     run_dir = tmp / "run"

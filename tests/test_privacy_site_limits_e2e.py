@@ -5,19 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedutil import Procs, client_cmd, free_port, manifest_of, rounds, server_cmd, write_federation, write_site
+from fedutil import client_cmd, free_port, manifest_of, rounds, server_cmd, write_federation, write_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 SITES = ["site1", "site2"]
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def test_a_site_declines_a_round_over_its_limits_and_the_run_completes(phantom_cohort, procs, tmp_path):

@@ -164,16 +164,6 @@ def federation(phantom_cohort, tmp_path_factory):
     return {"manifest": manifest_of(phantom_cohort), "creds": creds, "cache": root / "cache"}
 
 
-@pytest.fixture
-def procs(tmp_path):
-    from contextlib import closing
-
-    from fedutil import Procs
-
-    with closing(Procs(tmp_path)) as p:  # every process the test started is killed, also on failure
-        yield p
-
-
 def _tampered_app(folder: Path, marker: Path) -> Path:
     """This app with a ClientApp that leaves a marker file as soon as it is imported."""
     app = _copy_app(folder)
