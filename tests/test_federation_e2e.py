@@ -87,7 +87,7 @@ def test_three_sites_fedprox_tls_auth_then_evaluate(setup, procs, tmp_path):
 
 
 def test_a_site_killed_mid_run_does_not_stop_the_federation(setup, procs, tmp_path):
-    run_dir, port = _start(setup, procs, tmp_path, ALL_SITES, rounds=3, min_sites=2, round_timeout_s=180)
+    run_dir, port = _start(setup, procs, tmp_path, ALL_SITES, rounds=5, min_sites=2, round_timeout_s=180)
     state = tmp_path / "state-site3" / "logs" / "supernode.log"
     wait_until(lambda: state.is_file() and "train message" in state.read_text(encoding="utf-8", errors="replace"), 400,
                "site3 to receive its first training message", procs)
@@ -97,13 +97,15 @@ def test_a_site_killed_mid_run_does_not_stop_the_federation(setup, procs, tmp_pa
     code = procs.wait("server", timeout=600)
     assert code == 0, procs.dump()
     train = _train_rounds(run_dir)
-    assert [r["round"] for r in train] == [1, 2, 3]
+    assert [r["round"] for r in train] == [1, 2, 3, 4, 5]
     answered = [sorted(a["site"] for a in r["answered"]) for r in train]
     # a round counts exactly when at least min_sites answered; otherwise the global model is kept
     assert [r["accepted"] for r in train] == [len(a) >= 2 for a in answered], train
     assert train[-1]["accepted"]
     assert "site3" not in answered[0], answered  # killed mid-round: that round went on without it
-    assert any("site3" in a for a in answered[1:]), answered  # the site rejoined a later round
+    # the site rejoined a later round (training or evaluation: rounds are short, it may arrive for either)
+    later = [a["site"] for r in rounds(run_dir) if r["round"] > 1 for a in r["answered"]]
+    assert "site3" in later, rounds(run_dir)
     assert any("left out" in line for line in procs.text("server").splitlines())
     assert (run_dir / "model.pt").is_file()
 
