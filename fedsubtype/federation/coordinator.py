@@ -172,8 +172,8 @@ class Coordinator:
                                 "check its public key file", where=str(site.public_key))
             try:
                 nodes[int(json.loads(res.stdout)["node-id"])] = site.name
-            except (ValueError, KeyError, TypeError):
-                pass
+            except (ValueError, KeyError, TypeError):  # only the logs' node-id → name lookup is lost
+                self.say(f"site {site.name}: flwr did not report its node id; logs will show the id instead")
             self.say(f"registered site {site.name}")
         return nodes
 
