@@ -3,7 +3,8 @@ on the union of the sites' training cases with the same number of training sampl
 in this run; plus the bytes of weights exchanged per round.
 
     python bench/bench_federation.py --manifest data/phantom/manifest.csv --sites site2,site3,site4 \
-        --cache cache/sim-32 [--size 32] [--rounds 3] [--local-epochs 1] [--out results/bench_federation]
+        --cache cache/sim-32 [--size 32] [--rounds 3] [--local-epochs 1] [--out results/bench_federation] \
+        [--secure-aggregation]
 
 Without --manifest a small 3-site phantom is generated (a smoke run; per-round work is then too small
 for the ratio to mean much). Each side gets the whole machine: centralized training uses every core, each
@@ -15,6 +16,9 @@ The federation is the real thing: `fedsubtype-server` (SuperLink, TLS + node aut
   rounds_ratio  = time spent in the training rounds (each round: weights sent → replies in) ÷ centralized
   total_ratio   = whole coordinator command (SuperLink start, key registration, waiting for sites,
                   rounds, model.pt) ÷ centralized
+With --secure-aggregation the same federation also runs under SecAgg+ (docs/federation.md, "Secure
+aggregation"), in the same invocation: secure_rounds_ratio, secure_over_plain_rounds and
+secure_over_plain_bytes (training bytes per round, protocol messages included).
 Phantom numbers are engineering evidence, never clinical claims.
 """
 
@@ -80,8 +84,8 @@ def site_threads(n_sites: int) -> int:
     return max(1, (os.cpu_count() or 1) // n_sites)
 
 
-def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, args) -> dict:
-    """One federated run through the two commands; returns timings and rounds.json."""
+def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, args, secure: bool = False) -> dict:
+    """One federated run through the two commands (under SecAgg+ when `secure`); returns timings and rounds.json."""
     from fedsubtype.federation.credentials import create_dev_credentials
 
     creds = root / "creds"
@@ -95,6 +99,8 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
            "augment": False, "seed": args.seed, "port": port, "model": MODEL, "preprocess": {"size": args.size},
            "tls": {"ca_certificate": str(creds / "ca.crt"), "certificate": str(creds / "server.crt"),
                    "private_key": str(creds / "server.key")}}
+    if secure:
+        fed["secure_aggregation"] = {"enabled": True}
     (root / "federation.yaml").write_text(yaml.safe_dump(fed), encoding="utf-8")
     procs = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -134,6 +140,30 @@ def run_federation(root: Path, manifest: Path, sites: list[str], cache: Path, ar
     return {"total_s": total, "records": records}
 
 
+def federation_figures(fed: dict) -> dict:
+    """Seconds in the training rounds, samples seen, bytes per round and a round's cost beyond its slowest site."""
+    records = fed["records"]
+    train = [r for r in records if r["phase"] == "train"]
+    # what a round costs beyond its slowest site's own training: message transport, the sites' task
+    # hand-over to their warm executors, polling, aggregation (SecAgg+: its four stages), checkpoint
+    slowest = [max((a["metrics"].get("seconds", 0.0) for a in r["answered"]), default=0.0) for r in train]
+    return {"total_s": fed["total_s"], "rounds_s": sum(r["seconds"] for r in train),
+            "evaluate_s": sum(r["seconds"] for r in records if r["phase"] == "evaluate"),
+            "samples": int(sum(a["metrics"]["samples-seen"] for r in train for a in r["answered"])),
+            "train_bytes": statistics.median(r["bytes_down"] + r["bytes_up"] for r in train),
+            "eval_bytes": statistics.median([r["bytes_down"] for r in records if r["phase"] == "evaluate"] or [0]),
+            "beyond": statistics.median(r["seconds"] - s for r, s in zip(train, slowest))}
+
+
+def secure_ratios(med: dict) -> dict:
+    """With --secure-aggregation: its rounds ratio, and its rounds time and bytes per round against plain."""
+    if "secure_rounds_s" not in med:
+        return {}
+    return {"secure_rounds_ratio": med["secure_rounds_s"] / med["centralized_s"],
+            "secure_over_plain_rounds": med["secure_rounds_s"] / med["federated_rounds_s"],
+            "secure_over_plain_bytes": med["secure_train_bytes_per_round"] / med["train_bytes_per_round"]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", type=Path, help="a manifest with a site column (default: generate a small phantom)")
@@ -150,6 +180,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1, help="federated/centralized pairs (median reported)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=Path("results/bench_federation"))
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="also run the same federation under SecAgg+ and report its rounds ratio and bytes per round")
     args = p.parse_args()
 
     root = args.out.resolve()
@@ -173,30 +205,25 @@ def main() -> int:
 
     pairs = []
     for rep in range(args.repeats):
-        fed = run_federation(root, Path(manifest), sites, cache, args)
-        train = [r for r in fed["records"] if r["phase"] == "train"]
-        samples = int(sum(a["metrics"]["samples-seen"] for r in train for a in r["answered"]))
-        rounds_s = sum(r["seconds"] for r in fed["records"] if r["phase"] == "train")
-        evaluate_s = sum(r["seconds"] for r in fed["records"] if r["phase"] == "evaluate")
-        central_s, central_samples = centralized_seconds(Path(manifest), sites, cache, args.size, samples,
+        fed = federation_figures(run_federation(root, Path(manifest), sites, cache, args))
+        central_s, central_samples = centralized_seconds(Path(manifest), sites, cache, args.size, fed["samples"],
                                                          args.batch_size, args.lr, args.seed, os.cpu_count() or 1)
-        bytes_per_round = statistics.median(r["bytes_down"] + r["bytes_up"] for r in fed["records"]
-                                            if r["phase"] == "train")
-        # what a round costs beyond its slowest site's own training: message transport, the sites' task
-        # hand-over to their warm executors, polling, aggregation, checkpoint
-        slowest = [max((a["metrics"].get("seconds", 0.0) for a in r["answered"]), default=0.0) for r in train]
-        beyond = statistics.median(r["seconds"] - s for r, s in zip(train, slowest))
-        eval_bytes = statistics.median([r["bytes_down"] for r in fed["records"] if r["phase"] == "evaluate"] or [0])
-        pairs.append({"federated_total_s": fed["total_s"], "federated_rounds_s": rounds_s,
-                      "federated_evaluate_s": evaluate_s, "centralized_s": central_s,
-                      "samples_federated": samples, "samples_centralized": central_samples,
-                      "train_bytes_per_round": bytes_per_round, "evaluate_bytes_per_round": eval_bytes,
-                      "round_overhead_s": beyond})
+        pairs.append({"federated_total_s": fed["total_s"], "federated_rounds_s": fed["rounds_s"],
+                      "federated_evaluate_s": fed["evaluate_s"], "centralized_s": central_s,
+                      "samples_federated": fed["samples"], "samples_centralized": central_samples,
+                      "train_bytes_per_round": fed["train_bytes"], "evaluate_bytes_per_round": fed["eval_bytes"],
+                      "round_overhead_s": fed["beyond"]})
+        if args.secure_aggregation:  # the same federation under SecAgg+, in the same run
+            sec = federation_figures(run_federation(root, Path(manifest), sites, cache, args, secure=True))
+            pairs[-1].update({"secure_rounds_s": sec["rounds_s"], "secure_total_s": sec["total_s"],
+                              "secure_train_bytes_per_round": sec["train_bytes"],
+                              "secure_round_overhead_s": sec["beyond"]})
         print(json.dumps(pairs[-1]), flush=True)
 
     med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
     summary = {
         **med,
+        **secure_ratios(med),
         "rounds_ratio": med["federated_rounds_s"] / med["centralized_s"],
         "total_ratio": med["federated_total_s"] / med["centralized_s"],
         "target_rounds_ratio": 1.3,

@@ -1,9 +1,9 @@
 """Flower ClientApp: Messages in, `fedsubtype.federation.site_algo.SiteAlgo` calls, Messages out — nothing else.
 
 The site's settings come from the SuperNode's node config (`site-config` = path to site.yaml), never from
-the coordinator. A reply carries the weights, one MetricRecord with exactly the allow-listed aggregate
-keys, and the site's name. A failure is logged in full at the site and reported to the coordinator only
-as its exception type, so no path or case id leaks through an error message.
+the coordinator. A reply carries the weights (only masked under secure aggregation), one MetricRecord with
+exactly the allow-listed aggregate keys, and the site's name. A failure is logged in full at the site and
+reported to the coordinator only as its exception type, so no path or case id leaks through an error message.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsubtype.errors import UserError
+from fedsubtype.federation.secagg_mod import secure_aggregation_mod
 from fedsubtype.federation.site_algo import SiteAlgo
 from fedsubtype.privacy.limits import RoundDeclined
 from fedsubtype.privacy.site_level import site_level_clipping_mod
@@ -22,7 +23,9 @@ from fedsubtype.federation.site_config import load_site_config
 from fedsubtype.federation.site_node import SITE_CONFIG_KEY
 from fedsubtype.federation.transport import LAYOUT_KEY, pack, unpack
 
-app = ClientApp(mods=[site_level_clipping_mod])  # a pass-through unless the round asks for site-level clipping
+# Both mods pass messages through unless the round asks for them: SecAgg+ masking of the (clipped) update
+# (fedsubtype/federation/secagg_mod.py) wraps site-level clipping, so the clipped update is what gets masked.
+app = ClientApp(mods=[secure_aggregation_mod, site_level_clipping_mod])
 _ALGOS: dict[str, SiteAlgo] = {}
 _log = logging.getLogger("fedsubtype.site")
 

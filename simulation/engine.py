@@ -38,7 +38,7 @@ def federation_config(key: Any, scen: Scenario, n_sites: int, run_dir: Path, coh
     params = dict(key.params)
     strategy = "fedavg" if key.family == "fedbn" else key.family
     tc = train_config(scen, key.seed, scen.federation.local_epochs)
-    return FederationConfig(
+    cfg = FederationConfig(
         run_dir=run_dir, rounds=scen.federation.rounds, strategy=strategy,  # type: ignore[arg-type]
         proximal_mu=float(params.get("mu", 0.0)), server_lr=float(params.get("server_lr", 0.01)),
         local_epochs=scen.federation.local_epochs, evaluate_every=1 if scen.evaluate_every_round else 0,
@@ -49,6 +49,27 @@ def federation_config(key: Any, scen: Scenario, n_sites: int, run_dir: Path, coh
                             clip_norm_ratio=params.get("clip")),
         model=from_dict(ModelConfig, copy.deepcopy(scen.model), "scenario.model"),
         preprocess=cohort.preprocess_config)
+    if scen.federation.secure_aggregation:
+        secure_aggregation(cfg, cohort)
+    return cfg
+
+
+def secure_aggregation(cfg: Any, cohort: Cohort) -> None:
+    """Turn on SecAgg+ for a simulated run, its weights bounded by the largest virtual site's cases."""
+    from fedsubtype.errors import ConfigError
+    from fedsubtype.federation.secure_aggregation import SecureAggregationConfig
+
+    part = cohort.partition
+    sizes: dict[str, int] = {}
+    for case_id, split in part.split.items():
+        if split in ("train", "val"):
+            sizes[part.site[case_id]] = sizes.get(part.site[case_id], 0) + 1
+    cfg.secure_aggregation = SecureAggregationConfig(enabled=True, max_weight=max(sizes.values(), default=1))
+    cfg.reply_checks.max_norm_ratio = None  # needs each site's update, which secure aggregation hides
+    problem = cfg.secure_aggregation_problem()
+    if problem:
+        key, what, fix = problem
+        raise ConfigError(what, fix, where=f"scenario.federation.secure_aggregation ({cfg.strategy}: {key})")
 
 
 def write_site_files(scen: Scenario, cohort: Cohort, sites: list[str], folder: Path) -> dict[int, dict[str, str]]:

@@ -33,7 +33,10 @@ def ray_start_timeout(exc: BaseException) -> bool:
 def corrupt_reply(reply: Any, message: Any, fault: FaultSpec) -> None:
     """SIMULATION ONLY: turn a site's honest training reply into a faulty or hostile one, in place."""
     if fault.kind == "inflate_examples":
-        reply.content["metrics"]["num-examples"] = float(reply.content["metrics"]["num-examples"]) * fault.factor
+        if "metrics" in reply.content.metric_records:
+            reply.content["metrics"]["num-examples"] = float(reply.content["metrics"]["num-examples"]) * fault.factor
+        return
+    if "arrays" not in reply.content.array_records:  # secure aggregation: the reply holds a masked vector only
         return
     sent = message.content["arrays"].to_numpy_ndarrays()
     got = reply.content["arrays"].to_numpy_ndarrays()

@@ -103,6 +103,7 @@ class FederationSpec:
     local_epochs: int = 1
     fraction_train: float = 1.0
     min_sites: int | None = None  # replies a round needs to count (None: every site); below it the model stays
+    secure_aggregation: bool = False  # Flower's SecAgg+ (docs/federation.md): the coordinator sees only the sum
 
 
     def validate(self, where: str = "federation") -> None:
@@ -253,9 +254,10 @@ class Scenario:
             data.pop(key, None)
         data["data"].pop("cache_dir", None)
         data["data"].pop("cache_workers", None)
-        for section, key in (("federation", "min_sites"), (None, "fault")):  # added later: absent keeps old hashes
+        for section, key, default in (("federation", "min_sites", None), (None, "fault", None),
+                                      ("federation", "secure_aggregation", False)):  # added later: old hashes stay
             holder = data[section] if section else data
-            if holder.get(key) is None:
+            if holder.get(key, default) is default:
                 holder.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -281,18 +283,11 @@ def resolved_sections(scen: Scenario, where: str) -> dict[str, Any]:
 
 
 def _check_sub_configs(scen: Scenario, where: str) -> None:
-    """Validate the pass-through sections against the library's own config classes, and their combination."""
+    """Validate the pass-through sections against the library's own config classes."""
     resolved_sections(scen, where)
-    private = scen.privacy.get("enabled") or (scen.sweep is not None and scen.sweep.param == "privacy.target_epsilon"
-                                              and any(v not in (None, "inf", "none") for v in scen.sweep.values))
-    from fedsubtype.model.config import READ_OUT_PARTS
-
-    read_out = scen.model.get("read_out", "none")
-    if READ_OUT_PARTS[read_out].linear_heads and private:
-        raise ConfigError(f"read_out {read_out!r} starts from linear models fitted on each site's cases, which "
-                          "differential privacy does not cover", "use read_out none or statistics, or turn privacy off",
-                          where=f"{where}.model.read_out")
-
+    if scen.training.get("ema_decay") is not None:
+        raise ConfigError("simulated methods keep no weight average (a federated site keeps none: the server's "
+                          "average is the federation's)", "remove ema_decay", where=f"{where}.training.ema_decay")
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `a.b.c = value` inside nested mappings (creating levels), e.g. from `--set federation.budget_epochs=4`."""

@@ -1,4 +1,5 @@
 """Shared fixtures. `phantom_cohort`: a small phantom cohort (30 cases, 3 sites, seed 0), written once per session.
+`tiny_phantom`: a smaller one (24 cases, 2 sites, seed 3) for the simulation tests, written once per test module.
 `write_case`: writes one small synthetic case (image + tumour mask, NIfTI) and returns its `Case`."""
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ def phantom_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedsubtype.phantom import generate_cohort
 
     return generate_cohort(tmp_path_factory.mktemp("phantom") / "cohort", cases=30, sites=3, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cohort folder (manifest.csv inside) of a 24-case, 2-site phantom (seed 3); the scenario cache goes beside it."""
+    from fedsubtype.phantom import generate_cohort
+
+    root = tmp_path_factory.mktemp("phantom")
+    generate_cohort(root / "cohort", cases=24, sites=2, seed=3, workers=1, progress=False)
+    return root / "cohort"
 
 
 def synthetic_case(folder: Path, case_id: str = "c1", *, seed: int = 0, radius_mm: float = 6.0, site: str = "A",

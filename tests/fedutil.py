@@ -172,6 +172,18 @@ def rounds(run_dir: Path) -> list[dict]:
         return []
 
 
+def evaluate_model(model: Path, manifest: Path, cache: Path, out_dir: Path) -> dict:
+    """`fedsubtype evaluate` on a run's model.pt, as a user would run it; its metrics.json, checked to hold
+    every task's AUC (a federated model.pt is a normal model file)."""
+    res = subprocess.run([str(BIN / "fedsubtype"), "evaluate", "--model", str(model), "--manifest", str(manifest),
+                          "--out", str(out_dir), "--n-boot", "10", "--cache", str(cache)],
+                         capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert {"er", "pr", "her2", "ki67", "mean_auc"} <= set(metrics)
+    return metrics
+
+
 def server_cmd(*args: str) -> list[str]:
     return [str(BIN / "fedsubtype-server"), *args]
 

@@ -8,14 +8,13 @@ to a couple of minutes on two CPU cores. Every process a test starts is killed a
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fedutil import (BIN, Procs, client_cmd, free_port, manifest_of, rounds, server_cmd, site_names, wait_until,
-                     write_federation, write_site)
+from fedutil import (Procs, client_cmd, evaluate_model, free_port, manifest_of, rounds, server_cmd, site_names,
+                     wait_until, write_federation, write_site)
 
 # Real processes on two shared CPU cores: a run takes minutes, so the per-test limit is raised.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -76,14 +75,7 @@ def test_three_sites_fedprox_tls_auth_then_evaluate(setup, procs, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round_*.pt")) == ["round_001.pt", "round_002.pt"]
 
     # The final model is a normal model.pt: `fedsubtype evaluate` takes it unchanged.
-    out_dir = tmp_path / "eval"
-    res = subprocess.run([str(BIN / "fedsubtype"), "evaluate", "--model", str(run_dir / "model.pt"),
-                          "--manifest", str(setup["manifest"]), "--out", str(out_dir), "--n-boot", "10",
-                          "--cache", str(setup["cache"])],
-                         capture_output=True, text=True, encoding="utf-8", timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
-    assert {"er", "pr", "her2", "ki67", "mean_auc"} <= set(metrics)
+    evaluate_model(run_dir / "model.pt", setup["manifest"], setup["cache"], tmp_path / "eval")
 
 
 def test_a_site_killed_mid_run_does_not_stop_the_federation(setup, procs, tmp_path):

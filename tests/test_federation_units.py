@@ -229,6 +229,7 @@ def test_runstore_metrics_checkpoints_and_final_model(tmp_path):
     rnd, got, strategy, state = RunStore(tmp_path / "run").latest_checkpoint()
     assert (rnd, strategy) == (2, "fedadam")
     assert all(np.array_equal(g, w * 2) for g, w in zip(got, weights))
+    assert [g.shape for g in got] == [w.shape for w in weights] and any(w.ndim == 0 for w in weights)  # 0-d buffers stay 0-d
     assert np.array_equal(state["m_t"]["0"], np.ones(3))
 
     store.truncate_after(1)

@@ -10,44 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fedsubtype.errors import ConfigError
 from simulation.scenario import load_scenario
 
-TINY_MODEL = {"width": 4, "groups": 2, "feature_dim": 8, "hidden_dim": 8, "blocks": [1, 1, 1]}
-
-
-def _scenario(tmp: Path, phantom: Path, **extra) -> Path:
-    data = {
-        "name": "tiny",
-        "output_dir": str(tmp / "out"),
-        "data": {"manifest": str(phantom / "manifest.csv"), "cache_dir": str(phantom.parent / "cache"),
-                 "cache_workers": 1},
-        "partition": {"kind": "natural", "val_fraction": 0.2, "test_fraction": 0.3, "seed": 0},
-        "preprocess": {"size": 16},
-        "model": TINY_MODEL,
-        "training": {"batch_size": 4, "augment": False},
-        "federation": {"budget_epochs": 2, "local_epochs": 1},
-        "methods": [{"name": "pooled"}, {"name": "local"}, {"name": "fedavg"}],
-        "seeds": [0],
-        "leave_one_site_out": True,
-        "loso_methods": ["pooled"],
-        "ray": {"num_cpus": 2, "client_cpus": 1},
-    }
-    data.update(extra)
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedsubtype.phantom import generate_cohort
-
-    root = tmp_path_factory.mktemp("phantom")
-    generate_cohort(root / "cohort", cases=24, sites=2, seed=3, workers=1, progress=False)
-    return root / "cohort"
+from simutil import TINY_MODEL, write_scenario as _scenario
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -116,10 +83,7 @@ def test_two_sites_two_rounds_end_to_end_then_resume(tmp_path: Path, tiny_phanto
     ({"sweep": {"param": "partition.alpha", "values": [1, -0.5]}}, "alpha must be > 0"),
     ({"federation": {"budget_epochs": 5, "local_epochs": 2}}, "not a multiple of local_epochs"),
     ({"seedz": [1]}, "unknown key 'seedz'"),
-    ({"model": {"read_out": "linear_heads"}, "privacy": {"enabled": True, "target_epsilon": 8}},
-     "differential privacy does not cover"),
-    ({"model": {"read_out": "linear_heads_profile"}, "sweep": {"param": "privacy.target_epsilon", "values": [None, 4]}},
-     "differential privacy does not cover"),
+    ({"training": {"ema_decay": 0.99}}, "keep no weight average"),
 ])
 def test_bad_scenarios_are_one_line_errors(tmp_path: Path, change: dict, needle: str) -> None:
     path = _scenario(tmp_path, tmp_path / "nowhere", **change)

@@ -13,8 +13,13 @@ from fedsubtype.model import ModelConfig
 from fedsubtype.data.preprocess import PreprocessConfig
 from fedsubtype.federation.reply_checks import ReplyChecksConfig
 from fedsubtype.federation.robust import ROBUST_STRATEGIES, RobustConfig, strategy_constraint
+from fedsubtype.federation.secure_aggregation import SecureAggregationConfig, combination_problem
 from fedsubtype.privacy.site_level import SiteLevelDPConfig
 
+NORM_CHECK_DEFAULT = ReplyChecksConfig().max_norm_ratio
+"""The default update-norm check, which does not apply under secure aggregation (an explicit one is refused)."""
+NORM_CHECK_HIDDEN = ("the update-norm check needs each site's update, which secure aggregation hides",
+                     "set it to null, or turn secure_aggregation off")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", *ROBUST_STRATEGIES)
 
 
@@ -88,6 +93,9 @@ class FederationConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     site_level_dp: SiteLevelDPConfig = field(default_factory=SiteLevelDPConfig)
     """Site-level DP at the coordinator (Flower's clipping wrappers; see docs/privacy.md). Off by default."""
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    """Flower's SecAgg+: the coordinator sees only the sum of the sites' updates (docs/federation.md). Off by
+    default."""
     host: str = "127.0.0.1"
     """Interface of the public address sites connect to, the fleet front (0.0.0.0 for other machines)."""
     port: int = 9092
@@ -139,6 +147,9 @@ class FederationConfig:
         constraint = strategy_constraint(self.strategy, self.robust, self.min_sites)
         if constraint:
             raise bad("strategy", constraint, "raise min_sites, lower robust.num_malicious, or pick another strategy")
+        problem = self.secure_aggregation_problem()
+        if problem:
+            raise bad(*problem)
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise bad("sites", "a site is listed twice", "list each site once")
@@ -148,6 +159,18 @@ class FederationConfig:
                           "give the training-case count the site declared at enrolment, or leave it out")
         if self.preprocess.size % 8:
             raise bad("preprocess.size", f"must be a multiple of 8, got {self.preprocess.size}", "e.g. 32")
+
+    def secure_aggregation_problem(self) -> tuple[str, str, str] | None:
+        """(key, what, fix) when secure aggregation is on with something that needs each site's update."""
+        if not self.secure_aggregation.enabled:
+            return None
+        dp = self.site_level_dp
+        problem = combination_problem(self.secure_aggregation, self.strategy, ROBUST_STRATEGIES,
+                                      self.robust.clip_norm_ratio, dp.enabled and dp.side == "server",
+                                      self.min_sites, len(self.sites))
+        if problem is None and self.reply_checks.max_norm_ratio not in (None, NORM_CHECK_DEFAULT):
+            problem = ("reply_checks.max_norm_ratio", *NORM_CHECK_HIDDEN)
+        return problem
 
     def _check_insecure(self, bad) -> None:
         from fedsubtype.federation.loopback_link import is_loopback
@@ -183,7 +206,12 @@ class FederationConfig:
 def load_federation_config(path: str | os.PathLike) -> FederationConfig:
     """Read and validate federation.yaml; relative paths resolve against its folder."""
     path = Path(path).resolve()
-    cfg = from_dict(FederationConfig, load_yaml(path), where=str(path))
+    raw = load_yaml(path)
+    cfg = from_dict(FederationConfig, raw, where=str(path))
+    checks = raw.get("reply_checks")
+    explicit = checks.get("max_norm_ratio") if isinstance(checks, dict) else None
+    if cfg.secure_aggregation.enabled and explicit is not None:
+        raise ConfigError(*NORM_CHECK_HIDDEN, where=f"{path}: reply_checks.max_norm_ratio")
     base = path.parent
 
     def fix(p: Path | None) -> Path | None:

@@ -28,6 +28,7 @@ from fedsubtype.federation.phase import node_names, run_phase
 from fedsubtype.federation.reply_checks import count_bounds, first_counts, flat_weights, screen_train
 from fedsubtype.federation.robust import clip_updates
 from fedsubtype.federation.runstore import RoundRecord, RunStore
+from fedsubtype.federation.secagg_round import FAILED as SECURE_FAILED, secure_train
 from fedsubtype.federation.strategy import make_strategy, nan_aware_mean, restore_strategy_state, strategy_state
 from fedsubtype.federation.transport import LAYOUT_KEY, layout_of, pack, unpack
 from fedsubtype.privacy.site_level import round_config_entries
@@ -117,8 +118,11 @@ class RoundLoop:
         global model moves only then (and only to finite weights)."""
         cfg = self.cfg
         msgs = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(dict(self.base)), self.grid))
-        record, ok = run_phase(self.grid, cfg, msgs, rnd, "train")
-        ok = self.checked(record, ok)
+        if cfg.secure_aggregation.enabled:
+            record, ok = self.secure(rnd, msgs)
+        else:
+            record, ok = run_phase(self.grid, cfg, msgs, rnd, "train")
+            ok = self.checked(record, ok)
         if record.accepted:
             new_arrays, agg = self.aggregate(rnd, ok)
             if new_arrays is not None:
@@ -127,23 +131,48 @@ class RoundLoop:
             else:
                 record.accepted = False
         self.store.add(record)
+        self.report(rnd, record)
+        return record
+
+    def report(self, rnd: int, record: RoundRecord) -> None:
+        """The round's progress line and one line per site left out."""
+        cfg = self.cfg
         names = ", ".join(r.site for r in record.answered) or "none"
+        secure = [line for line in record.failed if line.startswith(SECURE_FAILED)]
         if record.accepted:
             say(f"round {rnd}/{cfg.rounds} train: {len(record.answered)}/{record.asked} sites answered ({names}); "
                 + _fmt(record.aggregated, TRAIN_KEYS))
+        elif secure:
+            say(f"round {rnd}/{cfg.rounds} train: {secure[0]}; global model unchanged")
         else:
             say(f"round {rnd}/{cfg.rounds} train: only {len(record.answered)} of the required {cfg.min_sites} "
                 f"sites answered ({names}); global model unchanged")
         for line in record.failed:
-            say(f"round {rnd}: left out {line}")
-        return record
+            if not line.startswith(SECURE_FAILED):
+                say(f"round {rnd}: left out {line}")
+
+    def count_bounds(self) -> dict[int, float]:
+        """Node id -> the most examples its training reply may claim (declared, or first reported in this run)."""
+        return count_bounds(first_counts(self.store.records), {s.name: s.declared_examples for s in self.cfg.sites},
+                            node_names(self.cfg.run_dir))
+
+    def secure(self, rnd: int, msgs: list[Message]) -> tuple[RoundRecord, list[Message]]:
+        """The round under secure aggregation: the replies of the summed sites, each carrying the global
+        weights plus their mean update, so that the strategy's weighted mean is that mean (Flower's way)."""
+        sent = self.arrays.to_numpy_ndarrays()
+        record, replies, mean = secure_train(self.grid, self.cfg, msgs, rnd, self.count_bounds(),
+                                             [a.shape for a in sent])
+        if mean is None:
+            return record, []
+        merged = ArrayRecord([(s.astype(np.float64) + u).astype(s.dtype) for s, u in zip(sent, mean)])
+        for msg in replies:
+            msg.content["arrays"] = merged
+        return record, replies
 
     def checked(self, record: RoundRecord, replies: list[Message]) -> list[Message]:
         """The replies that pass the reply checks (clipped when configured); the round counts if enough are left."""
         sent = self.arrays.to_numpy_ndarrays()
-        bounds = count_bounds(first_counts(self.store.records), {s.name: s.declared_examples for s in self.cfg.sites},
-                              node_names(self.cfg.run_dir))
-        replies = screen_train(record, replies, sent, self.cfg.reply_checks, bounds)
+        replies = screen_train(record, replies, sent, self.cfg.reply_checks, self.count_bounds())
         ratio = self.cfg.robust.clip_norm_ratio
         if ratio is not None and replies:  # the weights travel packed: one flat array per reply
             base = np.concatenate([np.ravel(a) for a in sent]).astype(np.float64)

@@ -73,6 +73,13 @@ class RoundRecord:
                        "seconds": self.seconds, "bytes_down": self.bytes_down, "bytes_up": self.bytes_up})
 
 
+def _tensor(array: np.ndarray) -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
+    """A contiguous CPU tensor of `array` with its shape (NumPy's ascontiguousarray makes a 0-d array 1-d)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array).reshape(np.shape(array)))
+
+
 class RunStore:
     """Reads and writes one run folder; every file is written atomically."""
 
@@ -123,8 +130,8 @@ class RunStore:
 
         payload = {
             "format": CHECKPOINT_FORMAT, "round": int(round_), "strategy": strategy,
-            "weights": [torch.from_numpy(np.ascontiguousarray(w)) for w in weights],
-            "strategy_state": {name: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
+            "weights": [_tensor(w) for w in weights],
+            "strategy_state": {name: {k: _tensor(v) for k, v in d.items()}
                                for name, d in (strategy_state or {}).items()},
         }
         buf = io.BytesIO()
