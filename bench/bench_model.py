@@ -1,5 +1,8 @@
 """Training speed, peak memory and bytes per weight update: the full model against MONAI's 3D ResNet-18.
 
+The full model is timed as `fedsubtype train` builds it (with its default read-out of the region
+statistics) and without the read-out (`full_plain`, read_out none: what the statistics cost per step).
+
 Each measurement runs in a fresh subprocess (so peak RSS belongs to that model alone); the two models
 alternate within one run, so a busy shared CPU slows both alike. Reports medians over the timed steps
 of all rounds, and the ratios. Run:  nice -n 10 python bench/bench_model.py [--out results/bench_model.json]
@@ -19,6 +22,7 @@ import time
 REFERENCE = "monai_resnet18"
 REFERENCE_CL = "monai_resnet18_channels_last"
 OURS = "full"
+PLAIN = "full_plain"
 
 
 def _rss_mib() -> float:
@@ -35,6 +39,8 @@ def _build(name: str):
         net = monai.networks.nets.resnet18(spatial_dims=3, n_input_channels=1, num_classes=4)
         return net.to(memory_format=torch.channels_last_3d) if name == REFERENCE_CL else net
     torch.manual_seed(0)
+    if name == PLAIN:
+        return build_model(ModelConfig(variant=OURS, read_out="none"), seed=0)
     return build_model(ModelConfig(variant=name), seed=0)
 
 
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.size, args.batch, args.warmup, args.steps, args.threads)))
         return 0
 
-    names = [OURS, REFERENCE] + ([REFERENCE_CL] if args.channels_last_reference else [])
+    names = [OURS, PLAIN, REFERENCE] + ([REFERENCE_CL] if args.channels_last_reference else [])
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(args.rounds):
         order = names if r % 2 == 0 else names[::-1]
@@ -145,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                          "params": rs[0]["params"], "bytes_per_update": rs[0]["bytes_per_update"]}
     ours, ref = summary[OURS], summary[REFERENCE]
     ratios = {"throughput_ratio": ours["samples_per_s"] / ref["samples_per_s"],
-              "bytes_ratio": ours["bytes_per_update"] / ref["bytes_per_update"]}
+              "bytes_ratio": ours["bytes_per_update"] / ref["bytes_per_update"],
+              "read_out_step_ratio": ours["median_step_s"] / summary[PLAIN]["median_step_s"]}
     if REFERENCE_CL in summary:
         ratios["throughput_ratio_vs_channels_last"] = ours["samples_per_s"] / summary[REFERENCE_CL]["samples_per_s"]
     result = {"setting": {"size": args.size, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<30}{s['params']:>12,}{s['bytes_per_update'] / 2**20:>12.2f}{s['samples_per_s']:>11.2f}"
               f"{s['peak_increase_mib']:>11.0f}{s['peak_rss_mib']:>14.0f}")
     print(f"throughput ratio (full / resnet18): {ratios['throughput_ratio']:.1f}x   "
-          f"bytes ratio: 1/{1 / ratios['bytes_ratio']:.0f}")
+          f"bytes ratio: 1/{1 / ratios['bytes_ratio']:.0f}   "
+          f"step time with / without the read-out: {ratios['read_out_step_ratio']:.2f}x")
     if REFERENCE_CL in summary:
         print(f"throughput ratio (full / channels-last resnet18): {ratios['throughput_ratio_vs_channels_last']:.1f}x")
     print("variant sizes: " + ", ".join(f"{k} {v['params']:,}" for k, v in result["variant_sizes"].items()))

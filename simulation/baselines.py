@@ -28,12 +28,14 @@ class TrainedModel:
 
 
 def train_config(scen: Scenario, seed: int, epochs: int, threads: int | None = None) -> Any:
-    """The scenario's TrainConfig for one run: its seed, its epochs, no early stopping (equal budgets)."""
+    """The scenario's TrainConfig for one run: its seed, its epochs, no early stopping (equal budgets) and no
+    weight average (a federated site keeps none either: the server's average is the federation's), so that the
+    methods differ in how they share, not in how they optimise."""
     from fedsubtype.train.config import TrainConfig
 
     cfg = from_dict(TrainConfig, copy.deepcopy(scen.training), "scenario.training")
     return replace(cfg, seed=seed, epochs=epochs, patience=None, progress=False, device="cpu",
-                   threads=threads or cfg.threads)
+                   threads=threads or cfg.threads, ema_decay=None)
 
 
 def privacy_hook(scen: Scenario, n_train: int, epochs: int, batch_size: int, seed: int) -> Any:

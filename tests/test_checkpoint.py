@@ -21,7 +21,8 @@ S = 16
 
 def _model_and_configs() -> tuple[torch.nn.Module, ModelConfig, PreprocessConfig]:
     torch.manual_seed(0)
-    mcfg = ModelConfig(variant="full", width=8, groups=4, feature_dim=16, hidden_dim=16)
+    # the plain network: what a version-1 file with the old keys at their defaults describes
+    mcfg = ModelConfig(variant="full", width=8, groups=4, feature_dim=16, hidden_dim=16, read_out="none")
     return build_model(mcfg).eval(), mcfg, PreprocessConfig(size=S)
 
 

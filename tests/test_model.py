@@ -206,7 +206,8 @@ def test_size_budget_for_federation() -> None:
     model = build_model(ModelConfig())
     n = count_parameters(model)
     assert 100_000 < n < 1_000_000
-    assert state_bytes(model) == 4 * n  # float32, no buffers
+    buffers = sum(b.numel() for b in model.buffers())  # the read-outs' scaler (2 x 28) and fitted marker
+    assert buffers == 57 and state_bytes(model) == 4 * (n + buffers)  # float32
 
 
 def test_config_from_yaml_mapping() -> None:
@@ -224,7 +225,8 @@ def test_read_out_is_one_option_with_its_allowed_values_in_one_place() -> None:
     from fedsubtype.model.config import READ_OUT_PARTS, READ_OUTS
 
     assert READ_OUTS == ("none", "statistics", "linear_heads", "linear_heads_profile")
-    assert ModelConfig().read_out == "none" and ModelConfig().read_out_parts == READ_OUT_PARTS["none"]
+    default = ModelConfig()  # the default network reads the statistics through every read-out
+    assert default.read_out == "linear_heads_profile" and default.read_out_parts == READ_OUT_PARTS["linear_heads_profile"]
     parts = [READ_OUT_PARTS[name] for name in READ_OUTS]  # each value adds to the one before it
     assert [(p.statistics, p.linear_heads, p.profile) for p in parts] == [
         (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
@@ -307,7 +309,7 @@ def test_region_statistics_widen_only_the_representation_and_respect_the_variant
     from fedsubtype.model.region_stats import STATS_PER_REGION
 
     small = dict(width=8, feature_dim=16, hidden_dim=16)
-    plain = build_model(ModelConfig(**small), seed=0)
+    plain = build_model(ModelConfig(**small, read_out="none"), seed=0)
     stats = build_model(ModelConfig(**small, read_out="statistics"), seed=0)
     # only the representation's layer (16 units) widens: it reads 3 regions' statistics too
     assert count_parameters(stats) - count_parameters(plain) == 3 * STATS_PER_REGION * 16
@@ -352,7 +354,12 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
     present = ~labels.isnan()
     data = [{"image": image[i], "regions": regions[i], "labels": labels[i].nan_to_num(0.0), "present": present[i]}
             for i in range(n)]
-    assert fit_statistics_heads(wide, data) == 1
+    private = build_model(ModelConfig(**small, read_out="linear_heads"), seed=0)
+    private.prepare_for_training(data, private=True, seed=0)  # DP-SGD would not cover the fit: none is made
+    assert float(private.statistics_heads.fitted) == 0.0 and float(private.statistics_heads.center.abs().sum()) == 0.0
+    wide.prepare_for_training(data, private=False, seed=0)
+    assert float(heads.fitted) == 1.0
+    assert fit_statistics_heads(wide, data) == 0  # fitted read-outs are kept (loaded models, later rounds)
     stats = region_statistics(image, region_masks(regions, ("core", "rim", "peritumoral"))).double()
     torch.testing.assert_close(heads.center, stats.mean(0).float())
     z = ((stats - stats.mean(0)) / stats.std(0, unbiased=False).clamp_min(1e-3)).numpy()
@@ -369,7 +376,6 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
     expected = torch.as_tensor(ref.decision_function(z)).float() + plain_raw["her2"] - float(plain.heads["her2"][-1].bias.detach())
     torch.testing.assert_close(raw["her2"], expected, rtol=1e-3, atol=1e-3)
     assert float(heads.linear["pr"].weight.detach().abs().sum()) == 0.0  # no PR label anywhere: left at zero
-    assert fit_statistics_heads(wide, data) == 0  # fitted read-outs are kept (loaded models, later rounds)
     assert {"statistics_heads.center", "statistics_heads.scale", "statistics_heads.fitted"} <= set(wide.state_dict())
     core_only = build_model(ModelConfig(**small, variant="core_only", read_out="linear_heads"), seed=0)
     assert core_only.statistics_heads.linear["er"].in_features == STATS_PER_REGION  # only the regions it sees
@@ -379,16 +385,19 @@ def test_statistics_heads_start_from_per_task_linear_models_of_the_training_case
 def test_tumour_distance_is_the_chessboard_distance() -> None:
     from scipy import ndimage
 
-    from fedsubtype.model.region_stats import tumour_distance
+    from fedsubtype.model.region_stats import dilation_distance, tumour_distance
 
     rng = np.random.default_rng(2)
-    tumour = np.zeros((2, 20, 20, 20), dtype=bool)
+    tumour = np.zeros((3, 20, 20, 20), dtype=bool)
     tumour[0, 8:12, 6:10, 9:11] = True
     tumour[1][rng.random((20, 20, 20)) > 0.995] = True  # scattered voxels: an irregular shape
-    distance = tumour_distance(torch.from_numpy(tumour).float().unsqueeze(1), max_steps=6)[:, 0].numpy()
-    for b in range(2):
-        expected = ndimage.distance_transform_cdt(~tumour[b], metric="chessboard")
-        np.testing.assert_array_equal(distance[b], np.minimum(expected, 7))  # beyond reach: max_steps + 1
+    batch = torch.from_numpy(tumour).float().unsqueeze(1)  # case 2 has no tumour: beyond reach everywhere
+    for measure in (tumour_distance, dilation_distance):  # SciPy's transform on CPU, the dilations elsewhere
+        distance = measure(batch, max_steps=6)[:, 0].numpy()
+        for b in range(2):
+            expected = ndimage.distance_transform_cdt(~tumour[b], metric="chessboard")
+            np.testing.assert_array_equal(distance[b], np.minimum(expected, 7))  # beyond reach: max_steps + 1
+        np.testing.assert_array_equal(distance[2], np.full((20, 20, 20), 7.0))
 
 
 def test_peritumoral_profile_reads_band_means_by_hand() -> None:

@@ -355,6 +355,7 @@ class SiteAlgo:
                           batch_size=self.site.batch_size or settings.batch_size, lr=settings.lr,
                           weight_decay=settings.weight_decay, patience=None, augment=settings.augment,
                           warmup_fraction=0.0, schedule="constant",  # a per-round cosine would shrink late steps
+                          ema_decay=None,  # the server's average is the federation's weight averaging
                           seed=settings.seed + 1009 * settings.server_round, threads=self.site.threads,
                           device=self.site.device, progress=self.progress)
         hook = self._privacy_hook(settings, len(train_data))

@@ -65,7 +65,7 @@ class ModelConfig:
     """Give the network the used region masks as extra input channels (shape cues)."""
     mask_input: bool = True
     """Zero the image outside the regions a variant uses, so ablated tissue is truly unseen."""
-    read_out: ReadOut = "none"
+    read_out: ReadOut = "linear_heads_profile"
     """How the network reads the input's intensity statistics per region (mean and sd of the image, of a
     smoothed image and of the fine residual; log volume fraction: 7 parameter-free numbers a region):
 

@@ -84,19 +84,13 @@ class SpatialMultiTaskNet(nn.Module):
         return out
 
     def prepare_for_training(self, train_data: torch.utils.data.Dataset, *, private: bool, seed: int) -> None:
-        """Start the statistics read-outs from per-task linear models of the training cases, once; refused
-        under differential privacy, which would not cover that fit. Called by the training loop before it
-        takes any averaged copy."""
-        from fedsubtype.errors import ConfigError
-        from fedsubtype.model.region_stats import fit_statistics_heads, unfitted_statistics_heads
+        """Start the statistics read-outs from per-task linear models of the training cases, once. Under
+        differential privacy that fit is skipped (DP-SGD would not cover it): the read-outs start at zero and
+        learn with the rest of the network. Called by the training loop before it takes any averaged copy."""
+        from fedsubtype.model.region_stats import fit_statistics_heads
 
-        if not unfitted_statistics_heads(self):
-            return
-        if private:
-            raise ConfigError(f"read_out {self.cfg.read_out!r} starts from linear models fitted on the site's "
-                              "cases, which differential privacy does not cover", "use read_out none or statistics "
-                              "for private training", where="model.read_out")
-        fit_statistics_heads(self, train_data, seed)
+        if not private:
+            fit_statistics_heads(self, train_data, seed)
 
     def input_statistics(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """[B, F] parameter-free statistics of the input over this variant's regions `masks` (what

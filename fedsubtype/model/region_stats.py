@@ -36,16 +36,18 @@ def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> 
 
 
 def smooth(image: torch.Tensor, sigma: float = SMOOTH_SIGMA_VOXELS) -> torch.Tensor:
-    """Separable Gaussian blur of [B,1,D,H,W] (edges replicated, so borders are not darkened)."""
+    """Separable Gaussian blur of [B,1,D,H,W] (edges replicated, so borders are not darkened).
+
+    Each axis is a weighted sum of shifted views: a one-channel 3D convolution is an order of magnitude slower
+    on CPU, and this blur runs on every training batch."""
     k = _gaussian_kernel(sigma, image.dtype, image.device)
     r = k.numel() // 2
     out = image
     for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = k.numel()
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r  # F.pad lists the last axis first
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.reshape(shape))
+        padded, n = F.pad(out, pad, mode="replicate"), out.shape[2 + axis]
+        out = sum(k[i] * padded.narrow(2 + axis, i, n) for i in range(k.numel()))
     return out
 
 
@@ -59,7 +61,22 @@ PROFILE_STATS = 2 * len(PROFILE_BANDS) - 1
 
 def tumour_distance(tumour: torch.Tensor, max_steps: int) -> torch.Tensor:
     """Chessboard distance in voxels from the binary `tumour` [B,1,S,S,S] (0 inside; `max_steps` + 1 beyond
-    reach): how many 26-neighbour dilations reach each voxel."""
+    reach): how many 26-neighbour dilations reach each voxel. On CPU SciPy's two-pass chamfer transform gives
+    the same numbers about ten times faster than the dilations (this runs on every training batch)."""
+    if tumour.device.type != "cpu":
+        return dilation_distance(tumour, max_steps)
+    from scipy import ndimage
+
+    beyond = max_steps + 1
+    out = np.full(tuple(tumour.shape), beyond, dtype=np.float32)
+    for b, inside in enumerate(tumour[:, 0].detach().numpy() > 0.5):
+        if inside.any():
+            out[b, 0] = np.minimum(ndimage.distance_transform_cdt(~inside, metric="chessboard"), beyond)
+    return torch.from_numpy(out).to(tumour.dtype)
+
+
+def dilation_distance(tumour: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """`tumour_distance` by repeated 3×3×3 max-pooling (fast on a GPU)."""
     reached, distance = tumour, torch.zeros_like(tumour)
     for _ in range(max_steps + 1):
         distance = distance + (1.0 - reached)

@@ -25,7 +25,7 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     patience: int | None = 8
     augment: bool = True
-    augment_strength: float = 1.0
+    augment_strength: float = 0.5
     seed: int = 0
     num_workers: int = 0
     threads: int | None = None
@@ -35,7 +35,7 @@ class TrainConfig:
     class_weighting: bool = False
     progress: bool = True
     eval_every: int = 1
-    ema_decay: float | None = None  # exponential moving average of the weights, per step (e.g. 0.995); None = off
+    ema_decay: float | None = 0.995  # exponential moving average of the weights, per step; None = off
 
     def validate(self, where: str = "training") -> None:
         """Reject impossible values with one line naming the key."""

@@ -26,7 +26,7 @@ from fedsubtype.train.history import LossMeter, epoch_line, write_history_csv
 from fedsubtype.train.optimization import (anchor_params, averaged_copy, build_loss, lr_lambda, optimizer_step,
                                            proximal_term)
 from fedsubtype.train.runtime import batch_len, batch_to_device, resolve_device, seed_everything
-from fedsubtype.train.selection import Selector, save_state, val_summary
+from fedsubtype.train.selection import MIN_SELECTION_CASES, Selector, save_state, too_few_to_select, val_summary
 
 
 class PrivacyHook(Protocol):
@@ -237,8 +237,9 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
     """Train `model` on `train_data` for `cfg.epochs` epochs (or `cfg.max_steps` steps) and keep the best weights.
 
     AdamW with a per-step cosine schedule after linear warm-up; seeded shuffling and augmentation;
-    validation every `eval_every` epochs selects the best weights (val mean AUC, else val loss) and drives
-    early stopping. Without `val_data` the final weights are kept. With `cfg.ema_decay` an exponential
+    validation every `eval_every` epochs selects the best weights (lowest validation loss) and drives early
+    stopping. Without `val_data`, or with fewer than MIN_SELECTION_CASES validation cases (validation then
+    only reports), the final weights are kept. With `cfg.ema_decay` an exponential
     moving average of the weights is what is validated, selected and returned. FedProx: with
     ``proximal_mu > 0`` the gradient of (mu/2)·||w − w_global||² is added, ``global_params`` defaulting
     to the weights at entry (trainable parameters in ``model.parameters()`` order). A model with a
@@ -250,9 +251,13 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
     run, train_view = _build_run(plain, train_data, cfg, proximal_mu, global_params, privacy, device)
     steps_per_epoch = max(1, len(run.loader))
     max_epochs = math.ceil(run.total_steps / steps_per_epoch) if cfg.max_steps is not None else cfg.epochs
-    has_val = val_data is not None and len(val_data) > 0  # type: ignore[arg-type]
+    n_val = 0 if val_data is None else len(val_data)  # type: ignore[arg-type]
+    warning = too_few_to_select(n_val)
+    if warning:
+        say(warning)
     scored = run.ema.module if run.ema is not None else plain
-    ep = _Epochs(cfg, train_view, val_data, has_val, max_epochs, scored, Selector(scored, has_val), out_dir, say)
+    selector = Selector(scored, n_val >= MIN_SELECTION_CASES)
+    ep = _Epochs(cfg, train_view, val_data, n_val > 0, max_epochs, scored, selector, out_dir, say)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     history = _run_epochs(run, ep)

@@ -13,6 +13,19 @@ from fedsubtype import CLASSIFICATION_TASKS
 from fedsubtype.evaluate.metrics import finite_or_none
 
 
+MIN_SELECTION_CASES = 20
+"""Validation splits smaller than this are too small to choose an epoch on: the run keeps its last weights."""
+
+
+def too_few_to_select(n_val: int) -> str | None:
+    """The one-line warning for a validation split that is too small to select on (None when it is not)."""
+    if 0 < n_val < MIN_SELECTION_CASES:
+        return (f"warning: the validation split has {n_val} cases, too few to choose an epoch on (fewer than "
+                f"{MIN_SELECTION_CASES}); the run keeps its last weights, and validation only reports and sets "
+                "thresholds: give validation more cases to select on")
+    return None
+
+
 def val_summary(metrics: dict[str, Any], loss: float | None) -> dict[str, Any]:
     """The validation columns of a history row: loss, mean and per-task AUC, Ki-67 MAE (None when undefined)."""
     row: dict[str, Any] = {"val_loss": loss}
@@ -26,18 +39,22 @@ def val_summary(metrics: dict[str, Any], loss: float | None) -> dict[str, Any]:
 
 
 def is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
-    """Higher validation mean AUC wins; when AUC is undefined, lower validation loss."""
+    """Lower validation loss wins; when no loss is defined, higher validation mean AUC.
+
+    The loss sums every task over every validation case and moves smoothly between epochs; the mean AUC of
+    a few dozen cases jumps by chance and picked early, worse epochs (docs/training.md, "Defaults and how they
+    were chosen")."""
     if best is None:
         return True
-    auc, best_auc = row.get("val_mean_auc"), best.get("val_mean_auc")
-    if auc is not None and best_auc is not None:
-        return auc > best_auc
-    if auc is not None and best_auc is None:
-        return True
-    if auc is None and best_auc is not None:
-        return False
     loss, best_loss = row.get("val_loss"), best.get("val_loss")
-    return loss is not None and (best_loss is None or loss < best_loss)
+    if loss is not None and best_loss is not None:
+        return loss < best_loss
+    if loss is not None and best_loss is None:
+        return True
+    if loss is None and best_loss is not None:
+        return False
+    auc, best_auc = row.get("val_mean_auc"), best.get("val_mean_auc")
+    return auc is not None and (best_auc is None or auc > best_auc)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,8 +65,8 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 class Selector:
     """Keeps the best weights seen at validation and counts stale validations (for early stopping)."""
 
-    def __init__(self, model: nn.Module, has_val: bool) -> None:
-        self.model, self.has_val = model, has_val
+    def __init__(self, model: nn.Module, selects: bool) -> None:
+        self.model, self.selects = model, selects
         self.best_row: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch = 0
@@ -57,7 +74,7 @@ class Selector:
 
     def observe(self, row: dict[str, Any], evaluated: bool) -> bool:
         """Record an epoch's row; True when it is the new best."""
-        if not self.has_val:  # no validation: the latest weights are the result
+        if not self.selects:  # no validation (or too little to select on): the latest weights are the result
             self.best_epoch = row["epoch"]
             return False
         if not evaluated:
