@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -141,6 +142,30 @@ def test_the_secure_mean_is_the_plain_weighted_mean_within_the_quantisation_boun
     error = np.abs(mean[0] - _plain_mean(nodes, weights)).max()
     assert error <= bound, (error, bound)
     assert bound < (1e-5 if max_weight else 1e-3)  # a tight max_weight gives a much finer quantisation
+
+
+def test_a_first_round_update_with_the_read_outs_fitted_start_is_not_clipped(tmp_path, flower_ids, monkeypatch):
+    """Round 1 moves the read-outs from zero to their fit (centres of the region statistics, a log volume
+    fraction near -9): the default clipping range must pass such values whole."""
+    from fedsubtype.federation.secagg_round import round_max_weight, secure_train
+
+    small = update_of
+
+    def with_fitted_start(node: int, size: int) -> np.ndarray:
+        update = small(node, size)
+        update[:4] = (-9.0 + node / 10, 4.1, -2.5, 7.0)
+        return update
+
+    monkeypatch.setattr(sys.modules[__name__], "update_of", with_fitted_start)
+    nodes = (11, 12, 13)
+    cfg = _cfg(tmp_path, max_weight=50)
+    weights = np.zeros(600, dtype=np.float32)
+    grid = AppGrid({n: fake_site(COUNTS[n]) for n in nodes})
+    record, _, mean = secure_train(grid, cfg, _train_messages(nodes, weights), 1, {}, [weights.shape])
+    assert record.accepted
+    proto = protocol_for(cfg.secure_aggregation, len(nodes), round_max_weight(cfg, list(nodes), {}))
+    error = np.abs(mean[0] - _plain_mean(nodes, weights)).max()
+    assert error <= proto.error_bound([COUNTS[n] for n in nodes], largest_update=9.0) < 1e-5
 
 
 def test_a_site_dropping_after_the_key_shares_is_unmasked_and_left_out(tmp_path, flower_ids):

@@ -30,8 +30,11 @@ class SecureAggregationConfig:
     """Secret shares per site, its own included (its neighbours in the protocol); None: every sampled site."""
     reconstruction_threshold: int | None = None
     """Shares needed to unmask a site (the fewest sites a round can end with); None: a majority of num_shares."""
-    clipping_range: float = 2.0
-    """Each update value, scaled by the site's example count / max_weight (at most 1), is clipped to ±this."""
+    clipping_range: float = 32.0
+    """Each update value, scaled by the site's example count / max_weight (at most 1), is clipped to ±this. The
+    first round's update carries the read-outs' fitted start (region-statistic centres up to 4.1 in `quick`, a
+    log volume fraction down to -9): ±2 clipped it and cost `quick` 0.008 mean AUC; ±32 leaves it whole,
+    and the quantiser's step (2 × 32 / quantization_range, ≈ 1.2e-7 for 3-4 sites) stays far below any update."""
     quantization_range: int | None = None
     """Integer levels of the quantiser; None: 2^31 / (sites rounded up to a power of two), so the masked sum
     of every sampled site stays below the 2^32 modulus."""
@@ -55,7 +58,7 @@ class SecureAggregationConfig:
             raise bad("reconstruction_threshold", f"{t} is more than num_shares {self.num_shares}",
                       "lower it or raise num_shares")
         if not (math.isfinite(self.clipping_range) and self.clipping_range > 0):
-            raise bad("clipping_range", f"must be positive, got {self.clipping_range}", "use e.g. 2.0")
+            raise bad("clipping_range", f"must be positive, got {self.clipping_range}", "use e.g. 32")
         q = self.quantization_range
         if q is not None and not 2 <= q <= MODULUS_RANGE // 4:
             raise bad("quantization_range", f"must be in [2, 2^30], got {q}", "use e.g. 2**24, or remove it")
