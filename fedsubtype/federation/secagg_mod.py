@@ -27,6 +27,9 @@ from fedsubtype.federation.secure_aggregation import mask_generator
 # secret; here it expands them with the full-entropy generator the coordinator (secagg_round.py) uses too.
 # The patch goes on the module (its package exports the mod function under the module's name).
 FLOWER_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+if not callable(getattr(FLOWER_MOD, "pseudo_rand_gen", None)):  # a Flower that moved it would mask with 32 bits
+    raise ImportError("flwr's secaggplus_mod no longer has pseudo_rand_gen: fedsubtype cannot replace its mask "
+                      "generator; install the flwr version fedsubtype pins (pyproject.toml)")
 FLOWER_MOD.pseudo_rand_gen = mask_generator
 _log = logging.getLogger("fedsubtype.site")
 REPLY_RECORDS = ("metrics", "site", RECORD_KEY_CONFIGS)
