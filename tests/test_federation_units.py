@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +332,25 @@ def test_exchange_polls_until_every_reply_or_the_timeout():
     grid = _SlowGrid(delay_pulls=1, never={"b"})
     replies = exchange(grid, ["a", "b"], timeout=0.1, poll_s=0.01)
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"] and grid.pulls > 1
+
+
+class _BlockingPullGrid(_SlowGrid):
+    """The first pull blocks past the deadline (a dead site's objects being retried) and returns only 'a';
+    'b' reached the SuperLink meanwhile."""
+
+    def pull_messages(self, ids):
+        if self.pulls == 0:
+            time.sleep(0.2)
+            ids = [i for i in ids if i == "a"]
+        return super().pull_messages(ids)
+
+
+def test_a_reply_that_arrived_while_a_pull_blocked_past_the_deadline_still_counts():
+    from fedsubtype.federation.phase import exchange
+
+    grid = _BlockingPullGrid(delay_pulls=1)
+    replies = exchange(grid, ["a", "b"], timeout=0.1, poll_s=0.01)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"] and grid.pulls == 2
 
 
 class _ArrivalOrderGrid:

@@ -128,14 +128,15 @@ def test_a_key_added_later_at_its_legacy_value_keeps_the_run_identity(tmp_path: 
 
     phantom = tmp_path / "ph"
     hashes = {}
-    for label, model in (("before", TINY_MODEL), ("on", {**TINY_MODEL, "read_out": "statistics"})):
+    plain = {**TINY_MODEL, "read_out": "none"}  # the network before the read-outs existed
+    for label, model in (("before", plain), ("on", {**TINY_MODEL, "read_out": "statistics"})):
         (tmp_path / label).mkdir()
         hashes[label] = load_scenario(_scenario(tmp_path / label, phantom, model=model)).config_hash()
     assert hashes["before"] != hashes["on"]
     added = {k: v for k, v in migrate.MODEL_V1_ADDED.items() if k != "region_statistics"}
     monkeypatch.setattr(migrate, "MODEL_V1_ADDED", added)  # as if the key were part of the original network
     (tmp_path / "counted").mkdir()
-    assert load_scenario(_scenario(tmp_path / "counted", phantom)).config_hash() != hashes["before"]
+    assert load_scenario(_scenario(tmp_path / "counted", phantom, model=plain)).config_hash() != hashes["before"]
 
 
 def test_the_run_identity_of_the_pruned_model_is_the_one_hashed_before_it() -> None:
@@ -147,7 +148,7 @@ def test_the_run_identity_of_the_pruned_model_is_the_one_hashed_before_it() -> N
     small = dict(width=8, groups=4, feature_dim=32, hidden_dim=32)
     before = {"variant": "full", "in_channels": 1, "width": 8, "blocks": [1, 1, 1], "groups": 4, "feature_dim": 32,
               "hidden_dim": 32, "dropout": 0.2, "region_channels": True, "mask_input": True, "physical_size": False}
-    assert run_identity("model", to_dict(ModelConfig(**small))) == before  # what the quick scenario hashed
+    assert run_identity("model", to_dict(ModelConfig(**small, read_out="none"))) == before  # what quick hashed
     best = run_identity("model", to_dict(ModelConfig(**small, read_out="linear_heads_profile")))
     assert best == {**before, "region_statistics": True, "statistics_heads": True, "peritumoral_profile": True}
     assert run_identity("preprocess", {"size": 32, "keep_tumour_range": False}) == {"size": 32}

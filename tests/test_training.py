@@ -58,11 +58,13 @@ class TensorCases(Dataset):
 
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16, blocks=(1, 1, 1)))
+    return build_model(ModelConfig(width=8, groups=4, feature_dim=16, hidden_dim=16, blocks=(1, 1, 1),
+                                   read_out="none"))  # the loop's mechanics, without a fitted start
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=4, lr=3e-3, progress=False, patience=None, augment=False, threads=1)
+    base = dict(epochs=2, batch_size=4, lr=3e-3, progress=False, patience=None, augment=False, threads=1,
+                ema_decay=None)  # the raw weights: tests of the average ask for it
     base.update(kw)
     return TrainConfig(**base)
 

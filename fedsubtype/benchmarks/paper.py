@@ -66,8 +66,9 @@ class PaperBenchmark:
     rows: Sequence[str] = (*NETWORK_ROWS, *RADIOMICS_ROWS)
     external_site: str | None = None
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(size=32))
-    model: ModelConfig = field(default_factory=ModelConfig)
-    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, patience=4, progress=False))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(read_out="none"))  # the paper's network
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, patience=4, progress=False,
+                                                                      ema_decay=None, augment_strength=1.0))
     n_boot: int = 500
     external_folds: int = 5
     workers: int = 1

@@ -30,15 +30,19 @@ def node_names(run_dir: Path) -> dict[int, str]:
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, poll_s: float = POLL_S) -> list[Message]:
-    """Push `messages` and pull their replies until all arrived or `timeout` passed."""
+    """Push `messages` and pull their replies until all arrived or `timeout` passed.
+
+    One pull always follows the deadline: a pull can block (Flower retries the objects of a reply whose
+    sender died mid-upload), and a reply that reached the SuperLink meanwhile still counts."""
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
+        late = time.monotonic() >= deadline
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
-        if not pending or time.monotonic() >= deadline:
+        if not pending or late:
             break
         time.sleep(poll_s)
     return replies

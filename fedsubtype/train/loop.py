@@ -26,7 +26,8 @@ from fedsubtype.train.history import LossMeter, epoch_line, write_history_csv
 from fedsubtype.train.optimization import (anchor_params, averaged_copy, build_loss, lr_lambda, optimizer_step,
                                            proximal_term)
 from fedsubtype.train.runtime import batch_len, batch_to_device, resolve_device, seed_everything
-from fedsubtype.train.selection import MIN_SELECTION_CASES, Selector, save_state, too_few_to_select, val_summary
+from fedsubtype.train.selection import (MIN_SELECTION_CASES, Selector, save_state, snapshot, too_few_to_select,
+                                        val_summary)
 
 
 class PrivacyHook(Protocol):
@@ -262,6 +263,8 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: Tr
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     history = _run_epochs(run, ep)
     final = _selected_model(run, plain, ep.selector)
+    if out_dir is not None and ep.has_val and not selector.selects:  # too few to select: the kept weights are the last
+        save_state(snapshot(final), Path(out_dir) / "best_weights.pt", selector.best_epoch)
     return TrainResult(model=final, history=history, best_epoch=ep.selector.best_epoch, best_val=ep.selector.best_row,
                        n_train=len(train_data), steps=run.steps, samples_seen=run.samples)  # type: ignore[arg-type]
 
